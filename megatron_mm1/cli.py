@@ -1,0 +1,47 @@
+"""The `mm1` command. Each subcommand lives in its own module and registers itself here.
+
+Heavy imports (torch, megatron-core) happen inside the subcommands so `mm1 --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, function adding the subcommand's parser); each parser sets `func`.
+SUBCOMMANDS = [
+    ("megatron_mm1.commands.params", "add_parser"),
+    ("megatron_mm1.commands.demo", "add_parser"),
+    ("megatron_mm1.data.cli", "add_parser"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mm1",
+        description="Train, convert and benchmark MM1-style multimodal LLMs on megatron-core.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module, fn in SUBCOMMANDS:
+        getattr(importlib.import_module(module), fn)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_mm1.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"mm1 {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

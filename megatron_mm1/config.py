@@ -1,0 +1,488 @@
+"""Typed configuration: plain dataclasses, YAML presets under configs/, `--set a.b=value` overrides.
+
+Validation (`validate`) is pure: it runs before any process group or device memory exists and
+every error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT image encoder (pre-LN, QuickGELU, class token)."""
+
+    image_size: int = 378
+    patch_size: int = 14
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 5120
+    layernorm_epsilon: float = 1e-5
+    # Which encoder layer's output feeds the connector: -1 the last, -2 the penultimate, or a
+    # 1-based layer number. Layers after it are never run, so they are not built.
+    feature_layer: int = -1
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_layers_used(self) -> int:
+        return self.num_layers + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision-language connector: MM1's C-Abstractor or one of its two ablation connectors."""
+
+    type: str = "c-abstractor"  # c-abstractor | avg-pool | attn-pool
+    num_image_tokens: int = 144  # N image tokens per image in the LLM sequence
+    hidden_size: int = 1024  # C-Abstractor RegNet width
+    depth: int = 3  # RegNet blocks per stage
+    mlp_depth: int = 2  # readout: Linear (-> SiLU -> Linear) x (mlp_depth - 1)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts FFNs in the LLM (num_experts = 0 means dense)."""
+
+    num_experts: int = 0
+    layer_freq: int = 2  # an MoE FFN every k layers, starting with the first
+    router_topk: int = 2
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+    capacity_factor: Optional[float] = None  # None: dropless
+    token_dispatcher: str = "alltoall"  # alltoall | allgather
+    ffn_hidden_size: Optional[int] = None  # per expert; defaults to llm.ffn_hidden_size
+
+
+@dataclass
+class LLMConfig:
+    """Decoder-only LLM: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+
+    num_layers: int = 26
+    hidden_size: int = 3072
+    ffn_hidden_size: int = 8192
+    num_attention_heads: int = 24
+    num_query_groups: int = 8
+    vocab_size: int = 64000
+    max_sequence_length: int = 4096
+    rotary_base: int = 500000
+    norm_epsilon: float = 1e-5
+    qk_layernorm: bool = False
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    image_token_id: int = 4  # the `<image>` placeholder; each image fills N consecutive ones
+    max_images_per_sequence: int = 16
+    logits_z_loss_coeff: float = 0.0  # z-loss on the LM logits, 0 = off
+    freeze_vision: bool = False
+    freeze_connector: bool = False
+    freeze_llm: bool = False
+    layer_spec: str = "local"  # local: megatron-core's own modules with torch norms
+    init_method_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout, named as in megatron-core's ModelParallelConfig."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # None: equal to tensor_model_parallel_size
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training data: prepared shard folders (see `mm1 data prepare`) mixed by kind and weight."""
+
+    path: Optional[str] = None  # one prepared folder: each kind it holds is a dataset of weight 1
+    seq_length: int = 4096
+    tokenizer: Optional[str] = None  # SentencePiece model file
+    # More datasets per kind: {prepared folder: weight}; a folder contributes its shards of that kind.
+    interleaved: dict[str, float] = field(default_factory=dict)
+    caption: dict[str, float] = field(default_factory=dict)
+    text: dict[str, float] = field(default_factory=dict)
+    # MM1's mixture across kinds (renormalised over the kinds that have data).
+    interleaved_weight: float = 45.0
+    caption_weight: float = 45.0
+    text_weight: float = 10.0
+    seed: Optional[int] = None  # data order seed; None: training.seed
+    num_workers: int = 2  # image-decoding worker processes per loader (0: in the calling process)
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 512
+    seed: int = 1234
+    bf16: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _resolve(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"unknown config '{name_or_path}': give a YAML path or one of the presets "
+            f"{', '.join(preset_names())}"
+        )
+    return preset
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check and convert a YAML value to the dataclass field's type."""
+    origin = get_origin(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        (hint,) = [a for a in get_args(hint) if a is not type(None)]
+        origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown field(s) {', '.join(where + u for u in unknown)}; "
+            f"valid fields of {prefix or 'the config'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like a.b=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def _merge(tree: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = tree.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
+    """Load a preset name or YAML path and apply `a.b=value` overrides (later wins)."""
+    with open(_resolve(name_or_path)) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{name_or_path}: the top level must be a mapping")
+    for item in overrides or []:
+        _merge(tree, *parse_override(item))
+    return _build(Config, tree)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, message: str, errors: list[str]) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError listing every problem; touches no process group or device."""
+    errors: list[str] = []
+    m, p, v, c, llm, moe = cfg.model, cfg.parallel, cfg.model.vision, cfg.model.connector, cfg.model.llm, cfg.model.moe
+    tp, pp, ep, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.expert_model_parallel_size,
+        p.context_parallel_size,
+    )
+    etp = p.expert_tensor_parallel_size or tp
+
+    for name in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "expert_model_parallel_size",
+        "context_parallel_size",
+    ):
+        _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1", errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    # LLM shapes against the layout.
+    _check(
+        llm.num_attention_heads % tp == 0,
+        f"model.llm.num_attention_heads={llm.num_attention_heads} is not divisible by "
+        f"parallel.tensor_model_parallel_size={tp}; choose a TP size that divides it",
+        errors,
+    )
+    _check(
+        llm.num_attention_heads % llm.num_query_groups == 0,
+        f"model.llm.num_attention_heads={llm.num_attention_heads} is not a multiple of "
+        f"model.llm.num_query_groups={llm.num_query_groups}",
+        errors,
+    )
+    _check(
+        llm.num_query_groups % tp == 0,
+        f"model.llm.num_query_groups={llm.num_query_groups} is not divisible by "
+        f"parallel.tensor_model_parallel_size={tp}; lower TP or raise the query groups",
+        errors,
+    )
+    _check(
+        llm.hidden_size % llm.num_attention_heads == 0,
+        f"model.llm.hidden_size={llm.hidden_size} is not divisible by "
+        f"model.llm.num_attention_heads={llm.num_attention_heads}",
+        errors,
+    )
+    _check(
+        llm.ffn_hidden_size % tp == 0,
+        f"model.llm.ffn_hidden_size={llm.ffn_hidden_size} is not divisible by "
+        f"parallel.tensor_model_parallel_size={tp}",
+        errors,
+    )
+    vpp = p.virtual_pipeline_model_parallel_size
+    stages = pp * (vpp or 1)
+    _check(
+        llm.num_layers % stages == 0,
+        f"model.llm.num_layers={llm.num_layers} is not divisible by "
+        f"parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size = {stages}; "
+        "change the layer count or the pipeline layout",
+        errors,
+    )
+    if vpp is not None:
+        _check(vpp >= 2, "parallel.virtual_pipeline_model_parallel_size must be >= 2 or unset", errors)
+        _check(pp >= 2, "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2", errors)
+    _check(
+        not p.sequence_parallel or tp > 1,
+        "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1; set it to false",
+        errors,
+    )
+    _check(cp == 1, "parallel.context_parallel_size > 1 is not supported yet; set it to 1", errors)
+
+    # Vision shapes.
+    _check(
+        v.image_size % v.patch_size == 0,
+        f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size={v.patch_size}",
+        errors,
+    )
+    _check(
+        v.num_attention_heads % tp == 0,
+        f"model.vision.num_attention_heads={v.num_attention_heads} is not divisible by "
+        f"parallel.tensor_model_parallel_size={tp}; the vision encoder uses the LLM's TP",
+        errors,
+    )
+    _check(
+        v.hidden_size % v.num_attention_heads == 0,
+        f"model.vision.hidden_size={v.hidden_size} is not divisible by model.vision.num_attention_heads",
+        errors,
+    )
+    _check(
+        v.ffn_hidden_size % tp == 0,
+        f"model.vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible by "
+        f"parallel.tensor_model_parallel_size={tp}",
+        errors,
+    )
+    _check(
+        1 <= v.num_layers_used <= v.num_layers,
+        f"model.vision.feature_layer={v.feature_layer} is outside the encoder's "
+        f"{v.num_layers} layers (use -1..-{v.num_layers} or 1..{v.num_layers})",
+        errors,
+    )
+
+    # Connector.
+    _check(
+        c.type in ("c-abstractor", "avg-pool", "attn-pool"),
+        f"model.connector.type='{c.type}' is unknown; use c-abstractor, avg-pool or attn-pool",
+        errors,
+    )
+    n = c.num_image_tokens
+    side = math.isqrt(n) if n > 0 else 0
+    if c.type in ("c-abstractor", "avg-pool"):
+        _check(
+            side * side == n,
+            f"model.connector.num_image_tokens={n} must be a square (e.g. 64 or 144) for the "
+            f"{c.type} connector, which pools to a sqrt(N) x sqrt(N) grid",
+            errors,
+        )
+        _check(
+            0 < side <= v.grid_size,
+            f"model.connector.num_image_tokens={n} pools to {side}x{side}, larger than the "
+            f"encoder's {v.grid_size}x{v.grid_size} patch grid",
+            errors,
+        )
+    _check(c.num_image_tokens > 0, "model.connector.num_image_tokens must be > 0", errors)
+    _check(c.depth >= 1 and c.mlp_depth >= 1, "model.connector.depth and mlp_depth must be >= 1", errors)
+
+    # Image placement.
+    _check(
+        0 <= m.image_token_id < llm.vocab_size,
+        f"model.image_token_id={m.image_token_id} is outside the vocabulary (model.llm.vocab_size={llm.vocab_size})",
+        errors,
+    )
+    _check(
+        1 <= m.max_images_per_sequence,
+        "model.max_images_per_sequence must be >= 1",
+        errors,
+    )
+    _check(
+        m.max_images_per_sequence * n <= cfg.data.seq_length,
+        f"model.max_images_per_sequence={m.max_images_per_sequence} images x {n} tokens do not "
+        f"fit data.seq_length={cfg.data.seq_length}",
+        errors,
+    )
+    _check(
+        cfg.data.seq_length <= llm.max_sequence_length,
+        f"data.seq_length={cfg.data.seq_length} exceeds model.llm.max_sequence_length={llm.max_sequence_length}",
+        errors,
+    )
+    if p.sequence_parallel:
+        _check(
+            cfg.data.seq_length % tp == 0,
+            f"data.seq_length={cfg.data.seq_length} must be divisible by "
+            f"parallel.tensor_model_parallel_size={tp} under sequence parallelism",
+            errors,
+        )
+    _check(m.layer_spec in ("local",), f"model.layer_spec='{m.layer_spec}' is unknown; use local", errors)
+
+    # MoE.
+    if moe.num_experts > 0:
+        _check(
+            moe.num_experts % ep == 0,
+            f"model.moe.num_experts={moe.num_experts} is not divisible by "
+            f"parallel.expert_model_parallel_size={ep}",
+            errors,
+        )
+        _check(
+            1 <= moe.router_topk <= moe.num_experts,
+            f"model.moe.router_topk={moe.router_topk} must be between 1 and model.moe.num_experts",
+            errors,
+        )
+        _check(moe.layer_freq >= 1, "model.moe.layer_freq must be >= 1", errors)
+        _check(
+            moe.token_dispatcher in ("alltoall", "allgather"),
+            f"model.moe.token_dispatcher='{moe.token_dispatcher}' is unknown; use alltoall or allgather",
+            errors,
+        )
+        _check(
+            not (tp > 1 and not p.sequence_parallel),
+            "MoE with parallel.tensor_model_parallel_size > 1 needs parallel.sequence_parallel=true "
+            "(megatron-core requires it); set it",
+            errors,
+        )
+        _check(
+            moe.capacity_factor is None or moe.capacity_factor > 0,
+            "model.moe.capacity_factor must be > 0, or null for dropless routing",
+            errors,
+        )
+        _check(
+            (moe.ffn_hidden_size or llm.ffn_hidden_size) % etp == 0,
+            f"the expert FFN size is not divisible by the expert tensor parallel size {etp}",
+            errors,
+        )
+    else:
+        _check(
+            ep == 1,
+            f"parallel.expert_model_parallel_size={ep} needs a mixture-of-experts model "
+            "(model.moe.num_experts > 0); set it to 1",
+            errors,
+        )
+
+    # World size and batches.
+    model_parallel = tp * pp * cp
+    if world_size is not None:
+        _check(
+            world_size % model_parallel == 0,
+            f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
+            f"{model_parallel}; change the process count or the layout under parallel.",
+            errors,
+        )
+        if world_size % model_parallel == 0:
+            dp = world_size // model_parallel
+            _check(
+                (dp * cp * tp) % (ep * etp) == 0,
+                f"expert layout EP x ETP = {ep} x {etp} does not divide DP x CP x TP = "
+                f"{dp} x {cp} x {tp} at world size {world_size}",
+                errors,
+            )
+            t = cfg.training
+            _check(
+                t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}",
+                errors,
+            )
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size)

@@ -1,0 +1,1 @@
+"""The MM1 model: CLIP ViT encoder -> connector -> megatron-core decoder LLM."""

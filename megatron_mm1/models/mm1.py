@@ -1,0 +1,255 @@
+"""The MM1 model: images -> CLIP ViT -> connector -> image tokens placed at `<image>` positions
+of a megatron-core GPT decoder.
+
+The vision side lives on the first pipeline stage (first virtual chunk) only. The loss covers
+text targets only. One instance is one pipeline model chunk; `build_model` returns this rank's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.activations import quick_gelu
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mm1 import cpu_compat
+from megatron_mm1.config import Config
+from megatron_mm1.models.connector import build_connector
+from megatron_mm1.models.specs import llm_block_spec
+from megatron_mm1.models.vision import VisionEncoder
+
+
+def _common_config(cfg: Config) -> dict:
+    p, t = cfg.parallel, cfg.training
+    dtype = torch.bfloat16 if t.bf16 else torch.float32
+    return dict(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        bf16=t.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.model.init_method_std,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        **cpu_compat.transformer_config_overrides(),
+    )
+
+
+def llm_transformer_config(cfg: Config) -> TransformerConfig:
+    llm, moe, p = cfg.model.llm, cfg.model.moe, cfg.parallel
+    extra = {}
+    if moe.num_experts:
+        extra = dict(
+            num_moe_experts=moe.num_experts,
+            moe_layer_freq=moe.layer_freq,
+            moe_ffn_hidden_size=moe.ffn_hidden_size or llm.ffn_hidden_size,
+            moe_router_topk=moe.router_topk,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_pad_expert_input_to_capacity=False,
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            moe_grouped_gemm=False,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(
+        **_common_config(cfg),
+        **extra,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        kv_channels=llm.hidden_size // llm.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_epsilon,
+        qk_layernorm=llm.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+    )
+
+
+def vision_transformer_config(cfg: Config) -> TransformerConfig:
+    v = cfg.model.vision
+    return TransformerConfig(
+        **_common_config(cfg),
+        # The encoder is not pipelined and its sequence (patches + CLS) is not split.
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        num_layers=v.num_layers_used,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        kv_channels=v.hidden_size // v.num_attention_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layernorm_epsilon,
+        gated_linear_unit=False,
+        activation_func=quick_gelu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+    )
+
+
+@dataclass
+class MM1Output:
+    """Last-stage output: per-token losses [b, s] before masking."""
+
+    lm_loss: torch.Tensor
+    z_loss: Optional[torch.Tensor]
+
+
+class MM1Model(MegatronModule):
+    def __init__(
+        self,
+        cfg: Config,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+    ) -> None:
+        llm_config = llm_transformer_config(cfg)
+        super().__init__(config=llm_config)
+        m = cfg.model
+        self.image_token_id = m.image_token_id
+        self.z_loss_coeff = m.logits_z_loss_coeff
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.sequence_parallel = llm_config.sequence_parallel
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        self.vision = self.connector = None
+        if pre_process:
+            self.vision = VisionEncoder(vision_transformer_config(cfg), m.vision)
+            self.connector = build_connector(
+                m.connector, m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size
+            ).to(llm_config.params_dtype)
+        self.llm = GPTModel(
+            config=llm_config,
+            transformer_layer_spec=llm_block_spec(llm_config, vp_stage=vp_stage),
+            vocab_size=m.llm.vocab_size,
+            max_sequence_length=m.llm.max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=m.llm.rotary_base,
+            vp_stage=vp_stage,
+        )
+        for module, frozen in (
+            (self.vision, m.freeze_vision),
+            (self.connector, m.freeze_connector),
+            (self.llm, m.freeze_llm),
+        ):
+            if module is not None and frozen:
+                module.requires_grad_(False)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.llm.set_input_tensor(input_tensor)
+
+    def embed(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with image tokens placed at the `<image>` positions: [s(/tp), b, h]."""
+        text = self.llm.embedding(input_ids=tokens, position_ids=None)  # [s(/tp), b, h]
+        is_image = tokens == self.image_token_id  # [b, s]
+        n_slots = int(is_image.sum())
+        if images.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} <image> tokens in the batch but no images")
+            # Keep the vision parameters in the graph so data-parallel gradient reduction sees
+            # every parameter, with zero gradient, on steps without images.
+            dummy = sum(p.sum() for p in self.vision_parameters() if p.requires_grad)
+            return text + 0.0 * dummy
+        image_tokens = self.connector(self.vision(images))  # [n_img, N, h]
+        if image_tokens.shape[0] * image_tokens.shape[1] != n_slots:
+            raise ValueError(
+                f"{images.shape[0]} images need {image_tokens.numel() // image_tokens.shape[-1]} "
+                f"<image> tokens but the batch has {n_slots}"
+            )
+        b, s = tokens.shape
+        placed = text.new_zeros(b, s, text.shape[-1]).masked_scatter(
+            is_image.unsqueeze(-1), image_tokens.to(text.dtype)
+        )
+        placed = placed.transpose(0, 1).contiguous()  # [s, b, h]
+        mask = is_image.transpose(0, 1).unsqueeze(-1)
+        if self.sequence_parallel:
+            placed = tensor_parallel.scatter_to_sequence_parallel_region(placed)
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            mask = mask.chunk(parallel_state.get_tensor_model_parallel_world_size())[rank]
+        # Contiguous: the layout carries through the layers to the pipeline's send buffers.
+        return torch.where(mask, placed, text).contiguous()
+
+    def vision_parameters(self):
+        for module in (self.vision, self.connector):
+            if module is not None:
+                yield from module.parameters()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ):
+        """First stage: embed tokens and images. Last stage: per-token losses (or logits when
+        `labels` is None). Other stages: hidden states for the next stage."""
+        decoder_input = self.embed(tokens, images) if self.pre_process else None
+        out = self.llm(
+            input_ids=tokens, position_ids=None, attention_mask=attention_mask,
+            decoder_input=decoder_input,
+        )
+        if not self.post_process or labels is None:
+            return out
+        logits = out.float()  # [b, s, v/tp]
+        z_loss = None
+        if self.z_loss_coeff:
+            z_loss = self.z_loss_coeff * vocab_parallel_logsumexp(logits).square()
+        # vocab_parallel_cross_entropy works in place on its input; z-loss is computed first.
+        lm_loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+        # No loss on image targets, whatever the loss mask says.
+        lm_loss = lm_loss.masked_fill(labels == self.image_token_id, 0.0)
+        return MM1Output(lm_loss=lm_loss, z_loss=z_loss)
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over a vocabulary split across tensor-parallel ranks."""
+    local_max = logits.max(dim=-1).values.detach()
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    sum_exp = (logits - local_max.unsqueeze(-1)).exp().sum(dim=-1)
+    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
+    return sum_exp.log() + local_max
+
+
+def build_model(cfg: Config) -> list[MM1Model]:
+    """This rank's model chunks (one per virtual pipeline stage)."""
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(
+            MM1Model(
+                cfg,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                vp_stage=stage,
+            )
+        )
+    return chunks

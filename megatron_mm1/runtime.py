@@ -1,0 +1,83 @@
+"""Process start-up: rank and world from torchrun's or Slurm's environment, the process group
+(nccl on GPU, gloo on CPU), megatron-core's parallel state and RNG."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron_mm1.config import Config, ConfigError, validate
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_env() -> DistEnv:
+    """Rank/world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm (SLURM_PROCID, ...);
+    a single process when neither is set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ConfigError(
+                "under srun without torchrun, MASTER_ADDR and MASTER_PORT must be set "
+                "(the slurm/ templates derive them from the allocation)"
+            )
+        return DistEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return DistEnv(0, 1, 0)
+
+
+def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
+    """Validate `cfg` for this world size, then start torch.distributed and megatron-core."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    env = dist_env()
+    validate(cfg, world_size=env.world_size)  # before any process group or device memory
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        backend = "nccl"
+    else:
+        from megatron_mm1 import cpu_compat
+
+        cpu_compat.enable()
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch.distributed.init_process_group(
+            backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+    )
+    torch.manual_seed(cfg.training.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+    return env
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()

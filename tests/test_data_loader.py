@@ -1,0 +1,166 @@
+"""The loader: exact resumption, data-parallel shares, determinism and the mixture."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mm1.config import load_config
+from megatron_mm1.data import formats
+from megatron_mm1.data.demo import make_demo
+from megatron_mm1.data.formats import DataError
+from megatron_mm1.data.loader import build_loader
+from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config
+from megatron_mm1.data.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(root)
+    return root
+
+
+def config(demo, *overrides):
+    # A short sequence and few images per row, so documents get split across rows and rows fill up
+    # on the image cap: both leave a partly placed sample in the state.
+    return load_config("tiny", [f"data.path={demo}", f"data.tokenizer={demo / 'tokenizer.model'}",
+                                "data.seq_length=48", "model.max_images_per_sequence=3", *overrides])
+
+
+def take(loader, k: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), k))
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+
+
+@pytest.mark.parametrize("dp_size, workers", [(1, 0), (2, 0), (2, 2)])
+def test_resume_gives_the_uninterrupted_batches(demo, dp_size, workers):
+    cfg = config(demo)
+    split_seen = False
+    for rank in range(dp_size):
+        full = take(build_loader(cfg, rank, dp_size, num_workers=0), 9)
+        for k in (1, 4):
+            first = build_loader(cfg, rank, dp_size, num_workers=workers)
+            head = take(first, k)
+            state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON checkpoint
+            assert state["batches"] == k
+            split_seen |= state["pending"] is not None and state["pending"]["start"] > 0
+            resumed = build_loader(cfg, rank, dp_size, num_workers=workers)
+            resumed.load_state_dict(state)
+            assert_same_batches(head + take(resumed, 9 - k), full)
+    assert split_seen  # at least one resume happened in the middle of a split sample
+
+
+def test_state_after_worker_prefetch_is_the_consumed_position(demo):
+    loader = build_loader(config(demo), num_workers=2)
+    it = iter(loader)
+    next(it)
+    next(it)  # the workers have run ahead by now; the state must not follow them
+    assert loader.state_dict()["batches"] == 2
+    rest = list(itertools.islice(it, 3))
+    assert loader.state_dict()["batches"] == 5
+    again = build_loader(config(demo), num_workers=0)
+    assert_same_batches(rest, take(again, 5)[2:])
+
+
+def test_same_seed_same_order_and_ranks_differ(demo):
+    cfg = config(demo)
+    assert_same_batches(take(build_loader(cfg, num_workers=0), 3), take(build_loader(cfg, num_workers=0), 3))
+    other_seed = take(build_loader(cfg, seed=7, num_workers=0), 3)
+    assert not torch.equal(other_seed[0]["tokens"], take(build_loader(cfg, num_workers=0), 1)[0]["tokens"])
+    rank1 = take(build_loader(cfg, 1, 2, num_workers=0), 1)[0]
+    assert not torch.equal(rank1["tokens"], take(build_loader(cfg, 0, 2, num_workers=0), 1)[0]["tokens"])
+
+
+@pytest.mark.parametrize("dp_size", [2, 3])
+def test_rank_shares_are_disjoint_and_cover_each_epoch(dp_size):
+    sizes = [10, 7, 5]
+    per_rank = []
+    for rank in range(dp_size):
+        sampler = MixtureSampler(sizes, [0.45, 0.45, 0.1], seed=3, dp_rank=rank, dp_size=dp_size)
+        shares = [len(range(rank, n, dp_size)) for n in sizes]
+        epoch_one: set[tuple[int, int]] = set()
+        while any(c < s for c, s in zip(sampler.cursors, shares)):
+            d, index = sampler.next()
+            if sampler.cursors[d] <= shares[d]:  # the draw was still in epoch one
+                assert (d, index) not in epoch_one  # no repeats within an epoch
+                epoch_one.add((d, index))
+        per_rank.append(epoch_one)
+    for a, b in itertools.combinations(per_rank, 2):
+        assert not a & b
+    assert set().union(*per_rank) == {(d, i) for d, n in enumerate(sizes) for i in range(n)}
+
+
+def test_mixture_follows_the_weights(demo, tmp_path):
+    prepare(demo / "raw" / "demo.jsonl", demo / "raw" / "images", tmp_path / "copy", progress=False)
+    cfg = config(demo, f"data.caption={{{tmp_path / 'copy'}: 3.0}}")
+    datasets, probs = datasets_from_config(cfg.data)
+    by_name = dict(zip([d.name for d in datasets], probs))
+    assert by_name[f"{demo}:interleaved"] == pytest.approx(0.45)
+    assert by_name[f"{demo}:caption"] == pytest.approx(0.45 * 1 / 4)
+    assert by_name[f"{tmp_path / 'copy'}:caption"] == pytest.approx(0.45 * 3 / 4)
+    assert by_name[f"{demo}:text"] == pytest.approx(0.10)
+
+    sampler = MixtureSampler([len(d) for d in datasets], probs, seed=0, dp_rank=0, dp_size=1)
+    counts = np.bincount([sampler.next()[0] for _ in range(20_000)], minlength=len(datasets)) / 20_000
+    assert np.allclose(counts, probs, atol=0.015)
+
+    no_text = datasets_from_config(config(demo, "data.text_weight=0").data)[1]
+    assert sum(no_text) == pytest.approx(1.0) and len(no_text) == 2
+
+
+def test_building_reads_no_samples(demo):
+    formats._SHARDS.__init__()  # forget shards opened by earlier tests in this process
+    build_loader(config(demo), num_workers=0)
+    assert not formats._SHARDS.open
+
+
+def test_configuration_errors_are_clear(demo, tmp_path):
+    loader = build_loader(config(demo), num_workers=0)
+    take(loader, 2)
+    state = loader.state_dict()
+    with pytest.raises(DataError, match="dp_size"):
+        build_loader(config(demo), 0, 2, num_workers=0).load_state_dict(state)
+    with pytest.raises(DataError, match="seq_length"):
+        build_loader(config(demo, "data.seq_length=64"), num_workers=0).load_state_dict(state)
+    with pytest.raises(DataError, match="no training data"):
+        build_loader(load_config("tiny", [f"data.tokenizer={demo / 'tokenizer.model'}"]))
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        build_loader(config(tmp_path))
+
+
+def test_truncated_shard_is_rejected_with_a_message(demo, tmp_path):
+    copy = tmp_path / "data"
+    prepare(demo / "raw" / "demo.jsonl", demo / "raw" / "images", copy, progress=False)
+    shard = copy / "caption-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    cfg = load_config("tiny", [f"data.path={copy}", f"data.tokenizer={demo / 'tokenizer.model'}"])
+    with pytest.raises(DataError, match="caption-000000.tar is 5000 bytes .* truncated"):
+        build_loader(cfg)
+
+
+def test_document_with_more_images_than_a_sequence_holds(demo, tmp_path):
+    segments = [{"text": "a long picture book."}]
+    names = sorted(p.name for p in (demo / "raw" / "images").iterdir())[:40]
+    segments += [{"image": name} for name in names] + [{"text": "the end."}]  # 160 image tokens in a row
+    (tmp_path / "book.jsonl").write_text(json.dumps({"type": "interleaved", "segments": segments}) + "\n")
+    result = prepare(tmp_path / "book.jsonl", demo / "raw" / "images", tmp_path / "data", progress=False)
+    assert result.written == 1
+    cfg = load_config("tiny", [f"data.path={tmp_path / 'data'}", f"data.tokenizer={demo / 'tokenizer.model'}",
+                               "training.micro_batch_size=1"])
+    per_row = []
+    for batch in take(build_loader(cfg, num_workers=0), 4):
+        n = int(batch["num_images"][0])
+        assert int((batch["tokens"] == 4).sum()) == 4 * n and batch["images"].shape[0] == n
+        per_row.append(n)
+    assert max(per_row) == 16  # the image cap binds, never exceeded
+    assert sum(per_row[:3]) >= 40  # and the whole document is spread over the first rows
