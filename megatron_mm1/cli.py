@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_mm1.config import ConfigError
+    from megatron_mm1.runtime import quiet_third_party_warnings
 
+    quiet_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

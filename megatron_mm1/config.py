@@ -144,6 +144,15 @@ class TrainingConfig:
     global_batch_size: int = 512
     seed: int = 1234
     bf16: bool = True
+    steps: int = 200000
+    lr: float = 6e-5  # MM1-3B's peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
+    warmup_steps: int = 2000
+    weight_decay: float = 6e-6  # MM1: 0.1 x the peak learning rate
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    log_interval: int = 1
 
 
 @dataclass
@@ -472,13 +481,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"{dp} x {cp} x {tp} at world size {world_size}",
                 errors,
             )
-            t = cfg.training
             _check(
-                t.global_batch_size % (t.micro_batch_size * dp) == 0,
-                f"training.global_batch_size={t.global_batch_size} is not divisible by "
-                f"training.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}",
+                cfg.training.global_batch_size % (cfg.training.micro_batch_size * dp) == 0,
+                f"training.global_batch_size={cfg.training.global_batch_size} is not divisible by "
+                f"training.micro_batch_size x data-parallel size = {cfg.training.micro_batch_size} x {dp}",
                 errors,
             )
+    t = cfg.training
+    _check(t.steps >= 1, "training.steps must be >= 1", errors)
+    _check(t.lr > 0, "training.lr must be > 0", errors)
+    _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be between 0 and 1", errors)
+    _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1", errors)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

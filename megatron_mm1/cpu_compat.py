@@ -156,3 +156,18 @@ def transformer_config_overrides() -> dict:
     # gloo matches messages between two ranks in posting order; megatron's batched p2p posts
     # forward and backward tensors in orders that cross when PP=2 with virtual stages.
     return {"batch_p2p_comm": False}
+
+
+def check_layout(cfg) -> None:
+    """Refuse, before start-up, layouts that megatron-core cannot run over gloo."""
+    from megatron_mm1.config import ConfigError
+
+    p, moe = cfg.parallel, cfg.model.moe
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    ep = p.expert_model_parallel_size
+    if moe.num_experts and ep > 1 and etp > 1 and moe.token_dispatcher == "alltoall":
+        raise ConfigError(
+            f"on CPU (gloo), expert parallelism {ep} with expert tensor parallelism {etp} and the "
+            "alltoall dispatcher needs an uneven all-gather that gloo lacks: set "
+            "parallel.expert_tensor_parallel_size=1 or model.moe.token_dispatcher=allgather"
+        )

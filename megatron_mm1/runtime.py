@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,15 @@ class DistEnv:
     rank: int
     world_size: int
     local_rank: int
+
+
+def quiet_third_party_warnings() -> None:
+    """megatron-core and DeepSpeed warn on every import and layer about optional packages
+    (apex, TransformerEngine) and upcoming API changes; operators need none of it."""
+    if os.environ.get("MM1_SHOW_WARNINGS"):
+        return
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def dist_env() -> DistEnv:
@@ -49,13 +59,15 @@ def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
     else:
         from megatron_mm1 import cpu_compat
 
+        cpu_compat.check_layout(cfg)
         cpu_compat.enable()
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # A single process needs no rendezvous (and so no port).
+        store = torch.distributed.HashStore() if env.world_size == 1 else None
         torch.distributed.init_process_group(
             backend,
+            store=store,
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

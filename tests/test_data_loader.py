@@ -136,6 +136,10 @@ def test_configuration_errors_are_clear(demo, tmp_path):
         build_loader(load_config("tiny", [f"data.tokenizer={demo / 'tokenizer.model'}"]))
     with pytest.raises(DataError, match="not a prepared data folder"):
         build_loader(config(tmp_path))
+    with pytest.raises(DataError, match="data.text_weight=-1.0 must be >= 0"):
+        build_loader(config(demo, "data.text_weight=-1"))
+    with pytest.raises(DataError, match="data.num_workers=-1"):
+        build_loader(config(demo, "data.num_workers=-1"))
 
 
 def test_truncated_shard_is_rejected_with_a_message(demo, tmp_path):

@@ -22,11 +22,6 @@ def run_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def save(img: Image.Image, path, fmt: str = "PNG") -> None:
-    img.save(path, fmt)
-
-
-GOOD, BAD = "good", "bad"
 EXPECTED_SKIPS = {"malformed_json": 2, "invalid_record": 2, "missing_image": 1, "corrupt_image": 2,
                   "unsupported_image_mode": 1, "image_too_large": 1, "empty_text": 3}
 
@@ -37,10 +32,10 @@ def messy(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        save(Image.new("RGB", (40, 30), colour), images / f"rgb{k}.png")
-    save(Image.new("CMYK", (30, 30), (0, 255, 255, 0)), images / "cmyk.jpg", "JPEG")
-    save(Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)), images / "grey16.png")
-    save(Image.new("F", (8, 8)), images / "float.tiff", "TIFF")
+        Image.new("RGB", (40, 30), colour).save(images / f"rgb{k}.png")
+    Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(images / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(images / "grey16.png")
+    Image.new("F", (8, 8)).save(images / "float.tiff")
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     noisy = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 50, 3), dtype=np.uint8)).save(noisy, "PNG")

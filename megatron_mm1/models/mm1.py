@@ -32,8 +32,6 @@ def _common_config(cfg: Config) -> dict:
     return dict(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         context_parallel_size=p.context_parallel_size,
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         bf16=t.bf16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -71,6 +69,8 @@ def llm_transformer_config(cfg: Config) -> TransformerConfig:
     return TransformerConfig(
         **_common_config(cfg),
         **extra,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,

@@ -1,0 +1,1 @@
+"""`mm1` subcommands, one module each."""

@@ -1,0 +1,128 @@
+"""`mm1 data ...`: prepare, train-tokenizer, demo, bench.
+
+Imports of the data modules (PIL, sentencepiece, torch) happen inside the commands so that
+`mm1 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"mm1 data {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from megatron_mm1.data.formats import DataError
+    from megatron_mm1.data.prepare import prepare
+
+    try:
+        result = prepare(args.input, args.images, args.out, samples_per_shard=args.samples_per_shard,
+                         max_pixels=args.max_pixels, progress=not args.quiet)
+    except (DataError, OSError) as e:
+        return _fail("prepare", str(e))
+    for example in result.examples:
+        print(f"skipped {example}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_by_reason.items()))
+        print(f"wrote {result.written} samples to {args.out}; skipped {result.skipped}" + (f" ({reasons})" if reasons else ""))
+    return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from megatron_mm1.data.formats import DataError
+    from megatron_mm1.data.tokenizer import train_tokenizer
+
+    try:
+        path = train_tokenizer(args.input, args.out, args.vocab_size, args.model_type,
+                               byte_fallback=not args.no_byte_fallback)
+    except DataError as e:
+        return _fail("train-tokenizer", str(e))
+    print(f"wrote {path} (unk=0 bos=1 eos=2 pad=3 <image>=4)")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from megatron_mm1.data.demo import make_demo
+    from megatron_mm1.data.formats import DataError
+
+    try:
+        result = make_demo(args.out, vocab_size=args.vocab_size, seed=args.seed, progress=True)
+    except (DataError, OSError) as e:
+        return _fail("demo", str(e))
+    out = Path(args.out)
+    print(f"demo corpus: {result.written} samples in {out}; tokenizer {out / 'tokenizer.model'}")
+    print(f"train with: --set data.path={out} --set data.tokenizer={out / 'tokenizer.model'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from megatron_mm1.config import ConfigError, load_config
+    from megatron_mm1.data.bench import bench
+
+    tokenizer = args.tokenizer or str(Path(args.data) / "tokenizer.model")
+    overrides = [f"data.path={args.data}", f"data.tokenizer={tokenizer}", *args.set]
+    try:
+        result = bench(load_config(args.config, overrides), args.workers, batches=args.batches)
+    except (ConfigError, OSError) as e:  # DataError is a ConfigError
+        return _fail("bench", str(e))
+    print(json.dumps(result))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    data = subparsers.add_parser("data", help="prepare, tokenise and benchmark training data",
+                                 description="Data pipeline: JSONL -> tar shards -> packed micro-batches.")
+    data.set_defaults(func=lambda args: data.print_help() or 2)  # `mm1 data` alone
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+
+    p = sub.add_parser("prepare", help="validate a JSONL corpus and write tar shards + manifest",
+                       description="Convert JSONL records (caption, interleaved, text) and their images into "
+                                   "tar shards with a manifest. Bad records are skipped and counted.")
+    p.add_argument("--input", required=True, help="JSONL file, one record per line")
+    p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder (must not already hold prepared data)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per tar shard (default 10000)")
+    p.add_argument("--max-pixels", type=int, default=100_000_000,
+                   help="skip images larger than this many pixels, read from the header (default 1e8)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary {written, skipped, skipped_by_reason} as the last line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer with the model's special ids",
+                       description="Train a SentencePiece model on text files (one document per line) with "
+                                   "unk=0, bos=1, eos=2, pad=3 and the <image> piece at id 4.")
+    p.add_argument("--input", required=True, nargs="+", help="plain-text training files")
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--vocab-size", required=True, type=int, help="number of pieces, at most model.llm.vocab_size")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="default bpe")
+    p.add_argument("--no-byte-fallback", action="store_true",
+                   help="map unknown characters to <unk> instead of byte pieces (saves 256 ids)")
+    p.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser("demo", help="generate a small learnable multimodal corpus (no download)",
+                       description="Draw shapes with PIL and write captions, interleaved documents and text "
+                                   "about them; prepare them into shards in OUT and train OUT/tokenizer.model.")
+    p.add_argument("--out", required=True, help="output folder (becomes the data folder)")
+    p.add_argument("--vocab-size", type=int, default=256, help="tokenizer size (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", help="measure loader throughput",
+                       description="Run the training loader on a prepared folder and print, as the last line, "
+                                   "JSON with images_per_s, tokens_per_s and sequences_per_s.")
+    p.add_argument("--data", required=True, help="prepared data folder")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+    p.add_argument("--batches", type=int, default=50, help="micro-batches to time (default 50)")
+    p.add_argument("--config", default="tiny", help="preset or YAML giving sequence length, image size... (default tiny)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default DATA/tokenizer.model)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.set_defaults(func=_bench)

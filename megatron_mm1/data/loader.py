@@ -1,0 +1,153 @@
+"""The training loader: mixture -> tokenise -> pack (calling process) -> decode images (workers).
+
+Planning (which samples, tokenisation, packing) is cheap and runs in the calling process, one step
+at a time, so its state after every micro-batch is known exactly and travels with the batch.
+Decoding and resizing images is the expensive part and runs in torch DataLoader workers, which
+return batches in order. `state_dict()` is the state after the last batch handed to the caller,
+however far the workers have run ahead, so a restored loader continues exactly where the
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from megatron_mm1.data.formats import DataError, read_member
+from megatron_mm1.data.images import ImageRejected, load_image, preprocess
+from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config
+from megatron_mm1.data.packing import Packer, encode_sample, row_arrays
+from megatron_mm1.data.tokenizer import load_tokenizer
+
+STATE_VERSION = 1
+
+
+class _Planner:
+    """Yields micro-batch plans: the token arrays, the image references, and the state after them."""
+
+    def __init__(self, loader: "MultimodalLoader"):
+        self.loader = loader
+        self.mixture = MixtureSampler([len(d) for d in loader.datasets], loader.probs, loader.seed,
+                                      loader.dp_rank, loader.dp_size, [d.name for d in loader.datasets])
+        m = loader.cfg.model
+        self.packer = Packer(lambda: list(self.mixture.next()), self._load, loader.seq_length,
+                             m.max_images_per_sequence, m.connector.num_image_tokens)
+        self.batches = 0
+
+    def _load(self, ref: list[int]):
+        d, index = ref
+        return encode_sample(self.loader.datasets[d][index], self.loader.tokenizer,
+                             self.loader.cfg.model.connector.num_image_tokens)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "mixture": self.mixture.state_dict(), "pending": self.packer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state["batches"]
+        self.mixture.load_state_dict(state["mixture"])
+        self.packer.load_state_dict(state["pending"])
+
+    def __iter__(self) -> Iterator[dict]:
+        image_token_id = self.loader.cfg.model.image_token_id
+        while True:
+            rows = [self.packer.next_row() for _ in range(self.loader.micro_batch_size)]
+            per_row = [row_arrays(r, self.loader.seq_length, image_token_id) for r in rows]
+            plan: dict[str, Any] = {k: np.stack([a[k] for a in per_row]) for k in per_row[0]}
+            plan["num_images"] = np.asarray([sum(len(c.images) for c in r) for r in rows], dtype=np.int64)
+            plan["image_refs"] = [img for r in rows for c in r for img in c.images]
+            self.batches += 1
+            plan["state"] = self.state_dict()
+            yield plan
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Turns a plan into the contract's tensors; runs in the loader's worker processes."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def _image(self, ref: tuple[str, str]) -> np.ndarray:
+        shard, member = ref
+        try:
+            return preprocess(load_image(read_member(shard, member)), self.image_size)
+        except ImageRejected as e:  # validated at preparation, so the shard itself is damaged
+            raise DataError(f"{shard}: {member} cannot be used ({e}); re-run `mm1 data prepare`") from None
+
+    def __getitem__(self, plan: dict) -> dict:
+        batch = {k: torch.from_numpy(plan[k]) for k in
+                 ("tokens", "labels", "loss_mask", "segment_ids", "position_ids", "num_images")}
+        pixels = [self._image(ref) for ref in plan["image_refs"]]
+        s = self.image_size
+        batch["images"] = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, 3, s, s)
+        batch["state"] = plan["state"]
+        return batch
+
+
+def _identity(x):
+    return x
+
+
+class MultimodalLoader:
+    """An endless iterator of micro-batches for one data-parallel rank (see packing.py for the contract).
+
+    state_dict() -> {"version", "seed", "dp_rank", "dp_size", "seq_length", "micro_batch_size",
+    "datasets", "batches", "mixture": {"draws", "cursors"}, "pending": None | {"ref", "start"}},
+    plain JSON. load_state_dict() refuses a state saved under a different data layout.
+    """
+
+    def __init__(self, cfg, dp_rank: int = 0, dp_size: int = 1, seed: Optional[int] = None,
+                 num_workers: Optional[int] = None):
+        self.cfg = cfg
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed = seed if seed is not None else (cfg.data.seed if cfg.data.seed is not None else cfg.training.seed)
+        self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
+        if self.num_workers < 0:
+            raise DataError(f"data.num_workers={self.num_workers} must be >= 0 (0: no worker processes)")
+        self.seq_length, self.micro_batch_size = cfg.data.seq_length, cfg.training.micro_batch_size
+        self.datasets, self.probs = datasets_from_config(cfg.data)
+        self.tokenizer = load_tokenizer(cfg)
+        self._state = _Planner(self).state_dict()  # also checks the datasets against dp_size
+
+    def _layout(self) -> dict:
+        return {"version": STATE_VERSION, "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
+                "datasets": [d.name for d in self.datasets]}
+
+    def state_dict(self) -> dict:
+        return {**self._layout(), **self._state}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {k: state.get(k) for k in self._layout()}
+        if saved != self._layout():
+            diff = {k: (saved[k], v) for k, v in self._layout().items() if saved[k] != v}
+            raise DataError(f"cannot resume the data loader: (saved, current) differ in {diff}; "
+                            "resume with the same data configuration, seed and data-parallel layout")
+        planner = _Planner(self)
+        planner.load_state_dict(state)  # validates it before we accept it
+        self._state = planner.state_dict()
+
+    def __iter__(self) -> Iterator[dict]:
+        planner = _Planner(self)
+        planner.load_state_dict(self._state)
+        pixels = _Pixels(self.cfg.model.vision.image_size)
+        if self.num_workers == 0:
+            batches = map(pixels.__getitem__, planner)
+        else:
+            batches = torch.utils.data.DataLoader(pixels, sampler=planner, batch_size=None, collate_fn=_identity,
+                                                  num_workers=self.num_workers, prefetch_factor=2)
+        for batch in batches:
+            self._state = batch.pop("state")
+            yield batch
+
+
+def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, seed: Optional[int] = None,
+                 num_workers: Optional[int] = None) -> MultimodalLoader:
+    """The micro-batch iterator for data-parallel rank `dp_rank` of `dp_size`.
+
+    Builds only indexes (manifests, tokenizer): nothing is read or decoded until iteration, so ranks
+    that feed no data can skip building it at no cost. `seed` defaults to cfg.data.seed, then
+    cfg.training.seed; `num_workers` to cfg.data.num_workers.
+    """
+    return MultimodalLoader(cfg, dp_rank, dp_size, seed, num_workers)

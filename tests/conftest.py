@@ -1,0 +1,25 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+# Two cores: one intra-op thread per process keeps 4-process runs from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run(cmd: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repository root; on failure show its output's tail."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return proc
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *args], timeout=timeout)

@@ -1,0 +1,101 @@
+"""Presets, overrides, validation messages and `mm1 params` size targets."""
+
+import json
+import sys
+
+import pytest
+from conftest import run
+
+from megatron_mm1.config import ConfigError, load_config, preset_names, validate
+
+PRESETS = ["mm1-3b", "mm1-7b", "mm1-30b", "mm1-3b-moe-64e", "mm1-7b-moe-32e", "tiny", "tiny-moe"]
+
+
+def test_all_presets_exist_and_validate():
+    assert set(PRESETS) <= set(preset_names())
+    for name in PRESETS:
+        validate(load_config(name))
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["parallel.tensor_model_parallel_size=2", "model.moe.capacity_factor=1.5"])
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.model.moe.capacity_factor == 1.5
+    with pytest.raises(ConfigError, match="parallel.tensor_model_parallel_size: expected int"):
+        load_config("tiny", ["parallel.tensor_model_parallel_size=two"])
+    with pytest.raises(ConfigError, match="unknown field.*parallel.tensor_parallel"):
+        load_config("tiny", ["parallel.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="unknown config 'nope'"):
+        load_config("nope")
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, field",
+    [
+        (["parallel.tensor_model_parallel_size=3"], 3, "model.llm.num_attention_heads"),
+        (["parallel.pipeline_model_parallel_size=3"], 3, "model.llm.num_layers"),
+        (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=4"], 2, "virtual_pipeline"),
+        (["parallel.tensor_model_parallel_size=2"], 3, "world size 3"),
+        (["training.global_batch_size=6"], 4, "training.global_batch_size"),
+        (["model.connector.num_image_tokens=8"], 1, "model.connector.num_image_tokens"),
+        (["model.vision.feature_layer=-5"], 1, "model.vision.feature_layer"),
+        (["parallel.expert_model_parallel_size=2"], 2, "model.moe.num_experts"),
+        (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
+        (["model.max_images_per_sequence=64"], 1, "model.max_images_per_sequence"),
+        (["model.connector.type=perceiver"], 1, "model.connector.type"),
+    ],
+)
+def test_invalid_configs_name_the_field(overrides, world_size, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(load_config("tiny", overrides), world_size=world_size)
+
+
+def test_moe_validation():
+    cfg = load_config("tiny-moe", ["parallel.expert_model_parallel_size=3"])
+    with pytest.raises(ConfigError, match=r"model\.moe\.num_experts=4 is not divisible"):
+        validate(cfg, world_size=3)
+    cfg = load_config("tiny-moe", ["parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"parallel\.sequence_parallel=true"):
+        validate(cfg, world_size=2)
+
+
+def test_invalid_config_fails_before_start_up():
+    # A bad layout must be refused by `mm1` before any process group exists: a clean message
+    # and exit code 2, not a traceback.
+    proc = run([sys.executable, "-m", "megatron_mm1.cli", "params", "--config", "tiny",
+                "--set", "model.connector.num_image_tokens=5"], check=False)
+    assert proc.returncode == 2
+    assert "model.connector.num_image_tokens=5 must be a square" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# Published sizes: dense LLMs 3B/7B/30B; MoE totals 64B and 47B (MM1 paper).
+TARGETS = {
+    "mm1-3b": ("llm", 3e9),
+    "mm1-7b": ("llm", 7e9),
+    "mm1-30b": ("llm", 30e9),
+    "mm1-3b-moe-64e": ("total", 64e9),
+    "mm1-7b-moe-32e": ("total", 47e9),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TARGETS))
+def test_params_meet_size_targets(preset):
+    proc = run([sys.executable, "-m", "megatron_mm1.cli", "params", "--config", preset, "--json"])
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(counts) == {"total", "llm", "vision", "connector", "active"}
+    assert all(isinstance(v, int) for v in counts.values())
+    field, target = TARGETS[preset]
+    assert abs(counts[field] - target) / target < 0.05, counts
+    assert counts["total"] == counts["llm"] + counts["vision"] + counts["connector"]
+    assert 6.0e8 < counts["vision"] < 6.5e8  # ViT-H/14 at 378 (32 layers)
+    if "moe" in preset:
+        assert counts["active"] < counts["total"] / 5
+    else:
+        assert counts["active"] == counts["total"]
+
+
+def test_cli_help_lists_subcommands():
+    proc = run([sys.executable, "-m", "megatron_mm1.cli", "--help"])
+    for command in ("params", "demo", "data"):
+        assert command in proc.stdout
