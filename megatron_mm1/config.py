@@ -49,6 +49,17 @@ class VisionConfig:
         return self.num_layers + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
 
 
+# Named encoders, usable as `--set model.vision=vit-l-14-336`.
+VISION_PRESETS = {
+    "vit-h-14-378": dict(image_size=378, patch_size=14, hidden_size=1280, num_layers=32,
+                         num_attention_heads=16, ffn_hidden_size=5120),
+    "vit-l-14-336": dict(image_size=336, patch_size=14, hidden_size=1024, num_layers=24,
+                         num_attention_heads=16, ffn_hidden_size=4096),
+    "vit-tiny-14-56": dict(image_size=56, patch_size=14, hidden_size=64, num_layers=2,
+                           num_attention_heads=4, ffn_hidden_size=128),
+}
+
+
 @dataclass
 class ConnectorConfig:
     """Vision-language connector: MM1's C-Abstractor or one of its two ablation connectors."""
@@ -247,9 +258,23 @@ def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Con
         tree = yaml.safe_load(f) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{name_or_path}: the top level must be a mapping")
+    _expand_named_encoder(tree)
     for item in overrides or []:
         _merge(tree, *parse_override(item))
+        _expand_named_encoder(tree)
     return _build(Config, tree)
+
+
+def _expand_named_encoder(tree: dict) -> None:
+    """`model.vision: NAME` stands for that encoder's fields; later overrides refine them."""
+    model = tree.get("model")
+    name = model.get("vision") if isinstance(model, dict) else None
+    if isinstance(name, str):
+        if name not in VISION_PRESETS:
+            raise ConfigError(
+                f"model.vision: unknown encoder '{name}'; use one of {', '.join(VISION_PRESETS)}"
+            )
+        model["vision"] = dict(VISION_PRESETS[name])
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -4,7 +4,6 @@ through megatron-core's pipeline schedules (1F1B, interleaved for virtual stages
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -67,7 +66,7 @@ def _forward_step(data_iterator, model):
 
 def forward_backward(
     model: list[torch.nn.Module],
-    microbatches: Iterable[dict],
+    microbatches: list[dict],
     cfg: Config,
     num_microbatches: int,
     forward_only: bool = False,
@@ -77,7 +76,7 @@ def forward_backward(
     Returns the micro-batch-averaged metrics, averaged over data-parallel ranks and present on
     every rank. Gradients end in each parameter's `main_grad`, reduced across DP.
     """
-    microbatches = list(microbatches) if len(model) > 1 else microbatches
+    # Each virtual pipeline chunk reads the micro-batches through its own iterator.
     iterators = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
     if not forward_only:
         for chunk in model:

@@ -99,3 +99,17 @@ def test_cli_help_lists_subcommands():
     proc = run([sys.executable, "-m", "megatron_mm1.cli", "--help"])
     for command in ("params", "demo", "data"):
         assert command in proc.stdout
+
+
+def test_named_vision_encoders():
+    cfg = load_config("mm1-3b", ["model.vision=vit-l-14-336"])
+    assert (cfg.model.vision.image_size, cfg.model.vision.num_patches) == (336, 576)
+    validate(cfg)
+    with pytest.raises(ConfigError, match="unknown encoder 'vit-g'"):
+        load_config("mm1-3b", ["model.vision=vit-g"])
+    proc = run([sys.executable, "-m", "megatron_mm1.cli", "params", "--config", "mm1-3b",
+                "--set", "model.vision=vit-l-14-336", "--json"])
+    vision = json.loads(proc.stdout.strip().splitlines()[-1])["vision"]
+    assert abs(vision - 303.5e6) / 303.5e6 < 0.01  # CLIP ViT-L/14 at 336 (24 layers)
+    refined = load_config("mm1-3b", ["model.vision.feature_layer=-2"])
+    assert (refined.model.vision.hidden_size, refined.model.vision.feature_layer) == (1280, -2)
