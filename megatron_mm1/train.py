@@ -49,6 +49,22 @@ def build_optimizer(cfg: Config, model: list):
     return optimizer, scheduler
 
 
+def next_microbatches(loader, count: int) -> list[dict]:
+    """The step's micro-batches: read on TP rank 0 (`loader`), broadcast to its TP peers."""
+    from megatron.core import parallel_state
+
+    batches = [next(loader) for _ in range(count)] if loader is not None else None
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        box = [batches]
+        torch.distributed.broadcast_object_list(
+            box,
+            src=parallel_state.get_tensor_model_parallel_src_rank(),
+            group=parallel_state.get_tensor_model_parallel_group(),
+        )
+        batches = box[0]
+    return batches
+
+
 def train(cfg: Config, out: Path) -> list[dict]:
     """Train for cfg.training.steps; rank 0 writes one JSON line per step to out/metrics.jsonl."""
     from megatron.core import parallel_state
@@ -64,8 +80,12 @@ def train(cfg: Config, out: Path) -> list[dict]:
     num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
     model = wrap_ddp(build_model(cfg))
     optimizer, scheduler = build_optimizer(cfg, model)
-    # Every rank of a data-parallel replica reads the same batches (TP/PP peers included).
-    loader = iter(build_loader(cfg, parallel_state.get_data_parallel_rank(), dp))
+    # Data is produced only where needed: TP rank 0 of each pipeline stage reads this DP rank's
+    # share and hands it to its TP peers; only the first stage (the vision side) decodes images.
+    loader = None
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        loader = iter(build_loader(cfg, parallel_state.get_data_parallel_rank(), dp, images=first_stage))
     is_logger = env.rank == 0
     if is_logger:
         out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +93,7 @@ def train(cfg: Config, out: Path) -> list[dict]:
     bar = tqdm(range(1, cfg.training.steps + 1), desc="train", disable=not is_logger)
     for step in bar:
         start = time.perf_counter()
-        batches = [next(loader) for _ in range(num_microbatches)]
+        batches = next_microbatches(loader, num_microbatches)
         metrics = forward_backward(model, batches, cfg, num_microbatches)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)

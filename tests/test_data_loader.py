@@ -168,3 +168,14 @@ def test_document_with_more_images_than_a_sequence_holds(demo, tmp_path):
         per_row.append(n)
     assert max(per_row) == 16  # the image cap binds, never exceeded
     assert sum(per_row[:3]) >= 40  # and the whole document is spread over the first rows
+
+
+def test_text_only_loader_matches_and_decodes_nothing(demo):
+    cfg = config(demo)
+    full = take(build_loader(cfg, num_workers=0), 4)
+    tokens_only = take(build_loader(cfg, num_workers=0, images=False), 4)
+    assert any(b["images"].shape[0] for b in full)
+    for a, b in zip(full, tokens_only):
+        assert b["images"] is None
+        for key in ("tokens", "labels", "loss_mask", "segment_ids", "position_ids", "num_images"):
+            assert torch.equal(a[key], b[key])

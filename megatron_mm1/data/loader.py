@@ -65,8 +65,9 @@ class _Planner:
 class _Pixels(torch.utils.data.Dataset):
     """Turns a plan into the contract's tensors; runs in the loader's worker processes."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, decode: bool = True):
         self.image_size = image_size
+        self.decode = decode
 
     def _image(self, ref: tuple[str, str]) -> np.ndarray:
         shard, member = ref
@@ -78,9 +79,12 @@ class _Pixels(torch.utils.data.Dataset):
     def __getitem__(self, plan: dict) -> dict:
         batch = {k: torch.from_numpy(plan[k]) for k in
                  ("tokens", "labels", "loss_mask", "segment_ids", "position_ids", "num_images")}
-        pixels = [self._image(ref) for ref in plan["image_refs"]]
-        s = self.image_size
-        batch["images"] = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, 3, s, s)
+        if self.decode:
+            pixels = [self._image(ref) for ref in plan["image_refs"]]
+            s = self.image_size
+            batch["images"] = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, 3, s, s)
+        else:
+            batch["images"] = None
         batch["state"] = plan["state"]
         return batch
 
@@ -98,8 +102,9 @@ class MultimodalLoader:
     """
 
     def __init__(self, cfg, dp_rank: int = 0, dp_size: int = 1, seed: Optional[int] = None,
-                 num_workers: Optional[int] = None):
+                 num_workers: Optional[int] = None, images: bool = True):
         self.cfg = cfg
+        self.images = images
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed if seed is not None else (cfg.data.seed if cfg.data.seed is not None else cfg.training.seed)
         self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
@@ -131,8 +136,8 @@ class MultimodalLoader:
     def __iter__(self) -> Iterator[dict]:
         planner = _Planner(self)
         planner.load_state_dict(self._state)
-        pixels = _Pixels(self.cfg.model.vision.image_size)
-        if self.num_workers == 0:
+        pixels = _Pixels(self.cfg.model.vision.image_size, decode=self.images)
+        if self.num_workers == 0 or not self.images:
             batches = map(pixels.__getitem__, planner)
         else:
             batches = torch.utils.data.DataLoader(pixels, sampler=planner, batch_size=None, collate_fn=_identity,
@@ -143,11 +148,13 @@ class MultimodalLoader:
 
 
 def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, seed: Optional[int] = None,
-                 num_workers: Optional[int] = None) -> MultimodalLoader:
+                 num_workers: Optional[int] = None, images: bool = True) -> MultimodalLoader:
     """The micro-batch iterator for data-parallel rank `dp_rank` of `dp_size`.
 
     Builds only indexes (manifests, tokenizer): nothing is read or decoded until iteration, so ranks
     that feed no data can skip building it at no cost. `seed` defaults to cfg.data.seed, then
-    cfg.training.seed; `num_workers` to cfg.data.num_workers.
+    cfg.training.seed; `num_workers` to cfg.data.num_workers. With `images=False` (pipeline stages
+    after the first, which hold no vision encoder) no image is read or decoded and the batches'
+    `images` is None; the token arrays are the same.
     """
-    return MultimodalLoader(cfg, dp_rank, dp_size, seed, num_workers)
+    return MultimodalLoader(cfg, dp_rank, dp_size, seed, num_workers, images)
