@@ -14,6 +14,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_mm1.checkpoint import model_sharded_state_dict
 from megatron_mm1.config import Config
 from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.models.mm1 import MM1Model, MM1Output
@@ -110,29 +111,24 @@ def _reduce_metrics(losses: list[dict], cfg: Config) -> dict[str, float]:
     return out
 
 
-def sharded_state_dict(model: list[torch.nn.Module], grads: bool = False) -> dict:
-    """megatron-core sharded state dict of all local chunks; with `grads`, the parameters'
-    reduced gradients in place of their values (to compare gradients across layouts)."""
-    state = {}
-    for i, chunk in enumerate(model):
-        module = chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
-        state[f"chunk{i}"] = module.sharded_state_dict()
-    if grads:
-        by_id = {}
-        for chunk in model:
-            for p in chunk.parameters():
-                g = getattr(p, "main_grad", None)
-                by_id[id(p)] = g if g is not None else torch.zeros_like(p)
-        _swap_values(state, by_id)
-    return state
-
-
-def _swap_values(tree, by_id: dict) -> None:
+def grads_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
+    """The model's sharded state dict with each parameter's reduced gradient (`main_grad`) in
+    place of its value: saved as a checkpoint, gradients compare across layouts."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for key, value in list(items):
-        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and id(value.data) in by_id:
-            value.data = by_id[id(value.data)].to(value.data.dtype).view_as(value.data)
-        elif isinstance(value, (dict, list)):
-            _swap_values(value, by_id)
+    grads = {}
+    for chunk in model:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            grads[id(p)] = g if g is not None else torch.zeros_like(p)
+
+    def swap(tree) -> None:
+        for key, value in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
+            if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and id(value.data) in grads:
+                value.data = grads[id(value.data)].to(value.data.dtype).view_as(value.data)
+            elif isinstance(value, (dict, list)):
+                swap(value)
+
+    state = model_sharded_state_dict(model)
+    swap(state)
+    return state

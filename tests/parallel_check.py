@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from megatron_mm1.config import load_config
-from megatron_mm1.engine import forward_backward, sharded_state_dict, wrap_ddp
+from megatron_mm1.checkpoint import load_model, save_model
+from megatron_mm1.engine import forward_backward, grads_sharded_state_dict, wrap_ddp
 from megatron_mm1.models.mm1 import build_model
 from megatron_mm1.runtime import init_runtime, shutdown
 from megatron_mm1.synthetic import synthetic_microbatch
@@ -37,23 +37,6 @@ def global_batch(cfg):
     ]
 
 
-def save(state: dict, path: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    if torch.distributed.get_rank() == 0:
-        path.mkdir(parents=True)
-    torch.distributed.barrier()
-    dist_checkpointing.save(state, str(path))
-
-
-def load_into(model, path: Path) -> None:
-    from megatron.core import dist_checkpointing
-
-    loaded = dist_checkpointing.load(sharded_state_dict(model), str(path))
-    for i, chunk in enumerate(model):
-        chunk.module.load_state_dict(loaded[f"chunk{i}"])
-
-
 def step(cfg, model, out: Path, tag: str) -> None:
     from megatron.core import parallel_state
 
@@ -61,7 +44,7 @@ def step(cfg, model, out: Path, tag: str) -> None:
     share = NUM_MICROBATCHES // dp
     batches = global_batch(cfg)[dp_rank * share : (dp_rank + 1) * share]
     metrics = forward_backward(model, batches, cfg, num_microbatches=share)
-    save(sharded_state_dict(model, grads=True), out / f"{tag}_grads")
+    save_model(model, out / f"{tag}_grads", state=grads_sharded_state_dict(model))
     if torch.distributed.get_rank() == 0:
         (out / f"{tag}_loss.json").write_text(json.dumps(metrics))
 
@@ -80,19 +63,19 @@ def main() -> None:
     torch.manual_seed(0)
     model = wrap_ddp(build_model(cfg))
     if args.mode == "reference":
-        save(sharded_state_dict(model), args.out / "weights")
+        save_model(model, args.out / "weights")
         step(cfg, model, args.out, "reference")
     elif args.mode == "run":
-        load_into(model, args.out / "weights")
+        load_model(model, args.out / "weights")
         step(cfg, model, args.out, args.tag[0])
     else:
-        load_into(model, args.out / "reference_grads")
+        load_model(model, args.out / "reference_grads")
         ref = {
             k: p.detach().clone() for k, p in model[0].module.named_parameters()
         }
         report = {}
         for tag in args.tag:
-            load_into(model, args.out / f"{tag}_grads")
+            load_model(model, args.out / f"{tag}_grads")
             errors = {
                 name: float((p.detach() - ref[name]).norm() / ref[name].norm().clamp(min=1e-12))
                 for name, p in model[0].module.named_parameters()
