@@ -60,3 +60,96 @@ def load_model(model: list[torch.nn.Module], path: Path) -> None:
     loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(path))
     for i, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
+
+
+# ----------------------------------------------------------------------------- training runs
+#
+#   RUN/checkpoints/step_0000100/   config.yaml, model/, optimizer/ (megatron engine) or
+#                                   deepspeed/ (deepspeed engine), train_state.json,
+#                                   data/dp<k>.json (loader state of data-parallel rank k),
+#                                   rng/rank<r>.pt
+#   RUN/checkpoints/latest          the newest complete checkpoint's folder name, moved last
+#
+# A checkpoint is written under a hidden temporary name and renamed when complete, so a folder
+# named step_* is always complete; a kill during a save leaves only a temporary folder, which
+# --resume never reads and the next run removes.
+
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under RUN/checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `latest` names, else the newest complete one, else None."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named.is_dir():
+            return named
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def remove_incomplete(root: Path) -> None:
+    """Remove what interrupted saves left behind (rank 0 only)."""
+    import shutil
+
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def begin_save(root: Path, step: int) -> Path:
+    """The temporary folder a checkpoint is written into. Collective."""
+    import shutil
+
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "data").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    torch.distributed.barrier()
+    return tmp
+
+
+def finish_save(root: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """Publish a fully written checkpoint: rename it, then move `latest`, then prune. Collective."""
+    import os
+    import shutil
+
+    final = root / step_dir_name(step)
+    torch.distributed.barrier()  # every rank has written its part
+    if torch.distributed.get_rank() == 0:
+        _fsync_tree(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush file contents to disk before the rename makes them visible."""
+    import os
+
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -12,8 +12,12 @@ import sys
 # (module, function adding the subcommand's parser); each parser sets `func`.
 SUBCOMMANDS = [
     ("megatron_mm1.commands.params", "add_parser"),
+    ("megatron_mm1.commands.train", "add_parser"),
     ("megatron_mm1.commands.demo", "add_parser"),
     ("megatron_mm1.data.cli", "add_parser"),
+    ("megatron_mm1.commands.plan", "add_parser"),
+    ("megatron_mm1.commands.benchmark", "add_parser"),
+    ("megatron_mm1.commands.convert", "add_parser"),
 ]
 
 

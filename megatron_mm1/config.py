@@ -151,19 +151,37 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
+    engine: str = "megatron"  # megatron (every layout) | deepspeed (ZeRO, dense, TP only)
+    deepspeed_config: str = "deepspeed_configs/zero2.json"  # read by the deepspeed engine
     micro_batch_size: int = 1
     global_batch_size: int = 512
     seed: int = 1234
     bf16: bool = True
     steps: int = 200000
-    lr: float = 6e-5  # MM1-3B's peak learning rate
+    lr: Optional[float] = None  # peak; None: MM1's fit exp(-0.4214 ln N - 0.5535), see recipe.py
     min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
     warmup_steps: int = 2000
-    weight_decay: float = 6e-6  # MM1: 0.1 x the peak learning rate
+    weight_decay: Optional[float] = None  # AdamW coefficient; None: 0.1 (MM1's 0.1 x peak LR per step)
     grad_clip: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    distributed_optimizer: bool = True  # megatron engine: shard optimizer state over DP
+    overlap_grad_reduce: bool = True  # megatron engine: reduce gradients during backward
+    recompute_llm: str = "none"  # none | selective (attention core) | full (whole layers)
+    recompute_vision: str = "none"
     log_interval: int = 1
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (skipped) before the run stops
+    # Save and stop (exit 75, to be resumed) after this many steps in this process; for
+    # allocations shorter than the run.
+    exit_after_steps: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 1000  # steps; a checkpoint is also saved at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 3  # newest complete checkpoints kept
+    load_optimizer: bool = True  # false: resume weights (and data, schedule) with a fresh optimizer
 
 
 @dataclass
@@ -172,6 +190,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -444,7 +463,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"parallel.tensor_model_parallel_size={tp} under sequence parallelism",
             errors,
         )
-    _check(m.layer_spec in ("local",), f"model.layer_spec='{m.layer_spec}' is unknown; use local", errors)
+    _check(
+        m.layer_spec in ("local", "fast"),
+        f"model.layer_spec='{m.layer_spec}' is unknown; use local or fast (torch SDPA attention)",
+        errors,
+    )
 
     # MoE.
     if moe.num_experts > 0:
@@ -514,7 +537,40 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             )
     t = cfg.training
     _check(t.steps >= 1, "training.steps must be >= 1", errors)
-    _check(t.lr > 0, "training.lr must be > 0", errors)
+    _check(t.lr is None or t.lr > 0, "training.lr must be > 0 (or null for MM1's fit)", errors)
+    for name in ("recompute_llm", "recompute_vision"):
+        _check(
+            getattr(t, name) in ("none", "selective", "full"),
+            f"training.{name}='{getattr(t, name)}' is unknown; use none, selective or full",
+            errors,
+        )
+    _check(
+        t.engine in ("megatron", "deepspeed"),
+        f"training.engine='{t.engine}' is unknown; use megatron or deepspeed",
+        errors,
+    )
+    if t.engine == "deepspeed":
+        _check(
+            moe.num_experts == 0,
+            "training.engine=deepspeed cannot train mixture-of-experts models (DeepSpeed only "
+            "knows its own MoE layers): use training.engine=megatron",
+            errors,
+        )
+        _check(
+            pp == 1,
+            "training.engine=deepspeed does not run megatron-core's pipeline schedules: set "
+            "parallel.pipeline_model_parallel_size=1 or use training.engine=megatron",
+            errors,
+        )
+        _check(
+            not p.sequence_parallel,
+            "training.engine=deepspeed does not reduce sequence-parallel norm gradients: set "
+            "parallel.sequence_parallel=false or use training.engine=megatron",
+            errors,
+        )
+    _check(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be >= 1", errors)
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1", errors)
+    _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps must be >= 1", errors)
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be between 0 and 1", errors)
     _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1", errors)
     if errors:

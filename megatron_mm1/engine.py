@@ -1,9 +1,12 @@
-"""One training step's machinery on megatron-core: DDP wrapping, the loss, and forward/backward
-through megatron-core's pipeline schedules (1F1B, interleaved for virtual stages)."""
+"""The megatron engine: DDP with the distributed optimizer, the loss, forward/backward through
+megatron-core's pipeline schedules (1F1B, interleaved for virtual stages), the optimizer step
+with NaN/Inf skipping, and its checkpoint state."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -14,7 +17,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mm1.checkpoint import model_sharded_state_dict
+from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_model
 from megatron_mm1.config import Config
 from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.models.mm1 import MM1Model, MM1Output
@@ -54,7 +57,7 @@ def loss_func(loss_mask: torch.Tensor, output: MM1Output):
     if output.z_loss is not None:
         z_loss = (output.z_loss * mask).sum() / count
         loss = loss + z_loss
-        metrics["z_loss"] = z_loss.detach().clone()
+        metrics["logits_z_loss"] = z_loss.detach().clone()
     return loss, metrics
 
 
@@ -91,13 +94,13 @@ def forward_backward(
         micro_batch_size=cfg.training.micro_batch_size,
         forward_only=forward_only,
     )
-    return _reduce_metrics(losses, cfg)
+    return _reduce_metrics(losses, cfg, num_microbatches)
 
 
-def _reduce_metrics(losses: list[dict], cfg: Config) -> dict[str, float]:
+def _reduce_metrics(losses: list[dict], cfg: Config, num_microbatches: int) -> dict[str, float]:
     """Average the last stage's per-micro-batch metrics over micro-batches and DP ranks, and
     share them with every rank."""
-    names = ["lm_loss", "z_loss"] if cfg.model.logits_z_loss_coeff else ["lm_loss"]
+    names = ["lm_loss", "logits_z_loss"] if cfg.model.logits_z_loss_coeff else ["lm_loss"]
     values = torch.zeros(len(names), dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for d in losses:
@@ -108,7 +111,26 @@ def _reduce_metrics(losses: list[dict], cfg: Config) -> dict[str, float]:
     torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
     out = dict(zip(names, values.tolist()))
     out["loss"] = sum(out.values())
+    if cfg.model.moe.num_experts:
+        out.update(_moe_losses(cfg, num_microbatches))
     return out
+
+
+def _moe_losses(cfg: Config, num_microbatches: int) -> dict[str, float]:
+    """The MoE auxiliary losses (per MoE layer, before their coefficients), reported apart."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    totals: dict = {}
+    track_moe_metrics(
+        loss_scale=1.0 / num_microbatches,
+        iteration=0,
+        total_loss_dict=totals,
+        num_layers=cfg.model.llm.num_layers,
+        moe_layer_freq=cfg.model.moe.layer_freq,
+        force_initialize=True,
+        track_names=["load_balancing_loss", "z_loss"],
+    )
+    return {f"moe_{name}": float(value) for name, value in totals.items()}
 
 
 def grads_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
@@ -132,3 +154,150 @@ def grads_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
     state = model_sharded_state_dict(model)
     swap(state)
     return state
+
+
+def build_optimizer(cfg: Config, model: list):
+    """megatron-core's optimizer (AdamW; distributed over DP if configured) and its warmup +
+    cosine LR schedule, with MM1's defaults (see recipe.py)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_mm1 import recipe
+
+    t = cfg.training
+    lr, wd = recipe.peak_lr(cfg), recipe.weight_decay(cfg)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=lr,
+            min_lr=lr * t.min_lr_ratio,
+            weight_decay=wd,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.grad_clip,
+            bf16=t.bf16,
+            params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
+            use_distributed_optimizer=t.distributed_optimizer,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=lr * t.min_lr_ratio,
+        lr_warmup_steps=recipe.warmup_steps(cfg),
+        lr_decay_steps=t.steps,
+        lr_decay_style="cosine",
+        start_wd=wd,
+        end_wd=wd,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _all_finite(loss: float, model: list) -> bool:
+    """True on every rank iff the loss and every gradient are finite on every rank."""
+    finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
+    for chunk in model:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is not None and not torch.isfinite(g).all():
+                finite[0] = 0.0
+                break
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite[0])
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give every parameter an Adam state to load into. Without apex or TransformerEngine
+    megatron-core falls back to torch's AdamW, whose per-parameter `step` its state
+    initialiser leaves out, while its checkpoint code requires it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _restore_adam_step(optimizer) -> None:
+    """megatron-core keeps torch AdamW's step in the param groups of its checkpoint, but its
+    dp-reshardable loader then overwrites each parameter's step with the placeholder above;
+    set it back from the param groups (it drives Adam's bias correction)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.optimizer.param_groups:
+            if "step" in group:
+                for p in group["params"]:
+                    opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
+
+
+# The optimizer state is saved so that it can be resharded over data-parallel ranks.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class MegatronEngine:
+    """Model chunks under megatron DDP, megatron's optimizer and LR schedule."""
+
+    def __init__(self, cfg: Config, num_microbatches: int):
+        from megatron_mm1.models.mm1 import build_model
+
+        self.cfg = cfg
+        self.num_microbatches = num_microbatches
+        t = cfg.training
+        self.model = wrap_ddp(
+            build_model(cfg),
+            use_distributed_optimizer=t.distributed_optimizer,
+            overlap_grad_reduce=t.overlap_grad_reduce,
+        )
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+
+    def train_step(self, microbatches: list[dict]) -> dict:
+        """Forward, backward and (when everything is finite) an optimizer step."""
+        self.optimizer.zero_grad()
+        metrics = forward_backward(self.model, microbatches, self.cfg, self.num_microbatches)
+        if not _all_finite(metrics["loss"], self.model):
+            return {**metrics, "skipped": True, "grad_norm": math.nan, "lr": self.lr()}
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return {**metrics, "skipped": False, "grad_norm": float(grad_norm), "lr": self.lr()}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, path: Path) -> None:
+        """Weights in path/model (any layout can load them), optimizer in path/optimizer."""
+        from megatron.core import dist_checkpointing
+
+        save_model(self.model, path / "model")
+        state = self.optimizer.sharded_state_dict(
+            model_sharded_state_dict(self.model), metadata=_OPTIMIZER_METADATA
+        )
+        (path / "optimizer").mkdir(exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save({"optimizer": state}, str(path / "optimizer"))
+
+    def load(self, path: Path, load_optimizer: bool) -> None:
+        from megatron.core import dist_checkpointing
+
+        load_model(self.model, path / "model")
+        if load_optimizer:
+            _materialize_adam_state(self.optimizer)
+            state = self.optimizer.sharded_state_dict(
+                model_sharded_state_dict(self.model), is_loading=True, metadata=_OPTIMIZER_METADATA
+            )
+            loaded = dist_checkpointing.load({"optimizer": state}, str(path / "optimizer"))
+            with torch.no_grad():  # it copies into the main parameters in place
+                self.optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_step(self.optimizer)
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)

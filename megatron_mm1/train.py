@@ -1,52 +1,45 @@
-"""The training loop on megatron-core: DDP, megatron's optimizer and LR schedule, the data
-pipeline, megatron's pipeline schedules. Run one process per device (torchrun)."""
+"""The training loop, one process per device (torchrun or Slurm): data, engine steps, logging,
+checkpoints, resume, signals and NaN/Inf safety. `mm1 train` starts it.
+
+Exit codes: 0 done; EXIT_PREEMPTED (75) when SIGTERM/SIGUSR1 made the run save and stop (the
+Slurm launcher requeues on it); EXIT_NONFINITE (3) when too many consecutive steps had a
+non-finite loss or gradient (the last good state is saved); 2 for configuration errors.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from megatron_mm1.config import Config, data_parallel_size, load_config
+from megatron_mm1 import checkpoint as ckpt
+from megatron_mm1.config import Config, ConfigError, data_parallel_size, load_config
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
+EXIT_NONFINITE = 3
+EXIT_RECORD = "exit.json"  # {"code", "step", "message"}, written by rank 0 as the run ends
 
 
-def build_optimizer(cfg: Config, model: list):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+class StopSignal:
+    """Records SIGTERM/SIGUSR1; the loop acts on it at the next step boundary."""
 
-    t = cfg.training
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.lr * t.min_lr_ratio,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            clip_grad=t.grad_clip,
-            bf16=t.bf16,
-            params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
-        ),
-        model,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.lr * t.min_lr_ratio,
-        lr_warmup_steps=min(t.warmup_steps, t.steps - 1),
-        lr_decay_steps=t.steps,
-        lr_decay_style="cosine",
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=t.steps,
-        wd_incr_style="constant",
-    )
-    return optimizer, scheduler
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag[0])
 
 
 def next_microbatches(loader, count: int) -> list[dict]:
@@ -65,65 +58,273 @@ def next_microbatches(loader, count: int) -> list[dict]:
     return batches
 
 
-def train(cfg: Config, out: Path) -> list[dict]:
-    """Train for cfg.training.steps; rank 0 writes one JSON line per step to out/metrics.jsonl."""
-    from megatron.core import parallel_state
-    from tqdm import tqdm
+class Trainer:
+    def __init__(self, cfg: Config, out: Path):
+        from megatron.core import parallel_state
 
-    from megatron_mm1.data import build_loader
-    from megatron_mm1.engine import forward_backward, wrap_ddp
-    from megatron_mm1.models.mm1 import build_model
-    from megatron_mm1.runtime import init_runtime
+        from megatron_mm1.data import build_loader
+        from megatron_mm1.runtime import init_runtime
 
-    env = init_runtime(cfg)
-    dp = data_parallel_size(cfg, env.world_size)
-    num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
-    model = wrap_ddp(build_model(cfg))
-    optimizer, scheduler = build_optimizer(cfg, model)
-    # Data is produced only where needed: TP rank 0 of each pipeline stage reads this DP rank's
-    # share and hands it to its TP peers; only the first stage (the vision side) decodes images.
-    loader = None
-    if parallel_state.get_tensor_model_parallel_rank() == 0:
-        first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-        loader = iter(build_loader(cfg, parallel_state.get_data_parallel_rank(), dp, images=first_stage))
-    is_logger = env.rank == 0
-    if is_logger:
-        out.mkdir(parents=True, exist_ok=True)
-    history = []
-    bar = tqdm(range(1, cfg.training.steps + 1), desc="train", disable=not is_logger)
-    for step in bar:
-        start = time.perf_counter()
-        batches = next_microbatches(loader, num_microbatches)
-        metrics = forward_backward(model, batches, cfg, num_microbatches)
-        ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        row = {
-            "step": step,
-            **metrics,
-            "lr": scheduler.get_lr(optimizer.param_groups[0]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-            "step_time_s": time.perf_counter() - start,
+        self.cfg, self.out = cfg, out
+        self.root = out / "checkpoints"
+        self.env = init_runtime(cfg)
+        self.dp = data_parallel_size(cfg, self.env.world_size)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        t = cfg.training
+        num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.num_microbatches = num_microbatches
+        self.engine = build_engine(cfg, num_microbatches)
+        # Data is produced only where needed: TP rank 0 of each pipeline stage reads this DP
+        # rank's share and hands it to its TP peers; only the first stage decodes images.
+        self.loader = None
+        self.writes_data_state = False
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+            self.loader = build_loader(cfg, self.dp_rank, self.dp, images=first)
+            self.writes_data_state = first
+        self.step = 0
+        self.counters = {"skipped_steps": 0, "consecutive_nonfinite": 0, "tokens": 0, "images": 0}
+        self.is_logger = self.env.rank == 0
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save(self) -> Path:
+        tmp = ckpt.begin_save(self.root, self.step)
+        self.engine.save(tmp)
+        if self.writes_data_state:
+            (tmp / "data" / f"dp{self.dp_rank}.json").write_text(json.dumps(self.loader.state_dict()))
+        torch.save(_rng_state(), tmp / "rng" / f"rank{self.env.rank}.pt")
+        if self.is_logger:
+            ckpt.save_config(self.cfg, tmp / "config.yaml")
+            state = {
+                "step": self.step,
+                "counters": self.counters,
+                "scheduler": self.engine.scheduler_state(),
+                "layout": self._layout(),
+            }
+            (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+        return ckpt.finish_save(self.root, tmp, self.step, self.cfg.checkpoint.keep_last)
+
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {
+            "world_size": self.env.world_size,
+            "data_parallel_size": self.dp,
+            "tensor_model_parallel_size": p.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+            "expert_model_parallel_size": p.expert_model_parallel_size,
+            "engine": self.cfg.training.engine,
+            "distributed_optimizer": self.cfg.training.distributed_optimizer,
         }
-        history.append(row)
-        if is_logger:
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-    return history
+
+    def resume(self, path: Path) -> None:
+        state = json.loads((path / "train_state.json").read_text())
+        saved = state["layout"]
+        if saved["engine"] != self.cfg.training.engine:
+            raise ConfigError(
+                f"{path} was saved by the {saved['engine']} engine; resume it with "
+                f"--set training.engine={saved['engine']}"
+            )
+        if saved["data_parallel_size"] != self.dp:
+            raise ConfigError(
+                f"{path} was saved at data-parallel size {saved['data_parallel_size']}; the data "
+                f"order resumes exactly only at that size (now {self.dp}): change TP/PP/EP or the "
+                "process count so that the data-parallel size matches"
+            )
+        same_layout = saved == self._layout()
+        load_optimizer = self.cfg.checkpoint.load_optimizer
+        if load_optimizer and not same_layout and saved["distributed_optimizer"]:
+            changed = {k: (v, self._layout()[k]) for k, v in saved.items() if v != self._layout()[k]}
+            raise ConfigError(
+                f"{path} holds a distributed-optimizer state, which reshards only over data-"
+                f"parallel ranks, and the layout changed (saved, now): {changed}. Resume at the "
+                "saved layout, or load the weights with a fresh optimizer: "
+                "--set checkpoint.load_optimizer=false"
+            )
+        self.engine.load(path, load_optimizer=load_optimizer)
+        self.engine.load_scheduler_state(state["scheduler"])
+        if self.loader is not None:
+            self.loader.load_state_dict(json.loads((path / "data" / f"dp{self.dp_rank}.json").read_text()))
+        if same_layout:  # RNG streams belong to ranks; another layout starts them afresh
+            _set_rng_state(torch.load(path / "rng" / f"rank{self.env.rank}.pt", weights_only=False))
+        self.step, self.counters = state["step"], state["counters"]
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, resume: str | None) -> int:
+        from tqdm import tqdm
+
+        if self.is_logger:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_incomplete(self.root)
+            (self.out / EXIT_RECORD).unlink(missing_ok=True)
+        torch.distributed.barrier()
+        if resume:
+            path = ckpt.latest_checkpoint(self.root) if resume == "auto" else Path(resume)
+            if path is not None:
+                self.resume(path)
+                self._log_line(f"resumed from {path} at step {self.step}")
+        stop = StopSignal()
+        first_step = self.step
+        logger = MetricsLogger(self.out, self.cfg) if self.is_logger else None
+        loader = iter(self.loader) if self.loader is not None else None
+        t = self.cfg.training
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not self.is_logger, dynamic_ncols=True)
+        try:
+            while self.step < t.steps:
+                start = time.perf_counter()
+                batches = next_microbatches(loader, self.num_microbatches)
+                metrics = self.engine.train_step(batches)
+                self.step += 1
+                row = self._record(metrics, batches, time.perf_counter() - start)
+                bar.update(1)
+                if logger:
+                    logger.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if self.counters["consecutive_nonfinite"] >= t.max_nonfinite_steps:
+                    path = self.save()  # the weights are the last good ones: bad steps were skipped
+                    return self._exit(
+                        EXIT_NONFINITE,
+                        f"stopping: {self.counters['consecutive_nonfinite']} consecutive steps had a "
+                        f"NaN/Inf loss or gradient (training.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                        f"the last good state is in {path}. Lower training.lr, check the data, or "
+                        "resume from an earlier checkpoint",
+                    )
+                if stop.any_rank():
+                    path = self.save()
+                    return self._exit(
+                        EXIT_PREEMPTED,
+                        f"signal received: saved {path} at step {self.step}; exiting with "
+                        f"{EXIT_PREEMPTED} so that the launcher requeues the job",
+                    )
+                if t.exit_after_steps and self.step - first_step >= t.exit_after_steps and self.step < t.steps:
+                    path = self.save()
+                    return self._exit(
+                        EXIT_PREEMPTED,
+                        f"training.exit_after_steps={t.exit_after_steps} reached: saved {path} at "
+                        f"step {self.step}; resume with --resume auto",
+                    )
+                if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if logger:
+                logger.close()
+        return self._exit(0, f"done: {self.step} steps; checkpoints in {self.root}; metrics in {self.out / 'metrics.jsonl'}")
+
+    def _exit(self, code: int, message: str) -> int:
+        """Say why the run ends, in the log and in out/exit.json (launchers read it: torchrun
+        reports any worker's non-zero exit as 1)."""
+        if self.is_logger:
+            print(message, flush=True)
+            record = {"code": code, "step": self.step, "message": message}
+            (self.out / EXIT_RECORD).write_text(json.dumps(record) + "\n")
+        return code
+
+    def _record(self, metrics: dict, batches: list[dict], seconds: float) -> dict:
+        """Update counters and build the step's metrics row (the same on every rank)."""
+        tokens, images = _count(batches, self.dp)
+        if metrics.pop("skipped"):
+            self.counters["skipped_steps"] += 1
+            self.counters["consecutive_nonfinite"] += 1
+        else:
+            self.counters["consecutive_nonfinite"] = 0
+        self.counters["tokens"] += tokens
+        self.counters["images"] += images
+        return {
+            "step": self.step,
+            **metrics,
+            "tokens": tokens,
+            "images": images,
+            "tokens_per_s": tokens / seconds,
+            "step_time_s": seconds,
+            "skipped_steps": self.counters["skipped_steps"],
+        }
+
+    def _log_line(self, text: str) -> None:
+        if self.is_logger:
+            print(text, flush=True)
 
 
-def main() -> None:
+def _count(batches: list[dict], dp: int) -> tuple[int, int]:
+    """Global tokens (padding excluded) and images of the step, from this replica x DP."""
+    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    images = sum(int(b["num_images"].sum()) for b in batches)
+    return tokens * dp, images * dp  # every DP rank reads the same amount: fixed-size packs
+
+
+class MetricsLogger:
+    """metrics.jsonl rows and the same scalars as tensorboard events under out/tensorboard."""
+
+    def __init__(self, out: Path, cfg: Config):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file = open(out / "metrics.jsonl", "a")
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.interval = cfg.training.log_interval
+
+    def log(self, row: dict) -> None:
+        if row["step"] % self.interval:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.writer.close()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def build_engine(cfg: Config, num_microbatches: int):
+    if cfg.training.engine == "deepspeed":
+        from megatron_mm1.ds_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, num_microbatches)
+    from megatron_mm1.engine import MegatronEngine
+
+    return MegatronEngine(cfg, num_microbatches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point (one per process): python -m megatron_mm1.train --config ... --out ..."""
     from megatron_mm1.runtime import quiet_third_party_warnings, shutdown
 
     quiet_third_party_warnings()
-    ap = argparse.ArgumentParser(description="training worker (run under torchrun)")
+    ap = argparse.ArgumentParser(description="training worker (run under torchrun; see `mm1 train`)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--resume")
     ap.add_argument("--set", action="append", default=[])
-    args = ap.parse_args()
-    train(load_config(args.config, args.set), args.out)
+    args = ap.parse_args(argv)
+    try:
+        code = Trainer(load_config(args.config, args.set), args.out).run(args.resume)
+    except ConfigError as e:
+        print(f"mm1 train: {e}", file=sys.stderr)
+        return 2
     shutdown()
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

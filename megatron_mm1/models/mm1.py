@@ -138,13 +138,13 @@ class MM1Model(MegatronModule):
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
         self.vision = self.connector = None
         if pre_process:
-            self.vision = VisionEncoder(vision_transformer_config(cfg), m.vision)
+            self.vision = VisionEncoder(vision_transformer_config(cfg), m.vision, m.layer_spec)
             self.connector = build_connector(
                 m.connector, m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size
             ).to(llm_config.params_dtype)
         self.llm = GPTModel(
             config=llm_config,
-            transformer_layer_spec=llm_block_spec(llm_config, vp_stage=vp_stage),
+            transformer_layer_spec=llm_block_spec(llm_config, vp_stage=vp_stage, kind=m.layer_spec),
             vocab_size=m.llm.vocab_size,
             max_sequence_length=m.llm.max_sequence_length,
             pre_process=pre_process,

@@ -4,11 +4,21 @@
 norms here mark their parameters `sequence_parallel` so megatron-core's finalize_model_grads
 all-reduces their gradients across TP; megatron's own WrappedTorchNorm refuses sequence
 parallelism, and apex/TransformerEngine are not assumed.
+
+`fast` is the same layer with one module swapped: the core attention runs through
+torch.nn.functional.scaled_dot_product_attention (SDPAttention), which picks a fused kernel
+(flash or memory-efficient on GPU, a fused CPU kernel otherwise) instead of megatron's unfused
+baddbmm -> softmax -> bmm that materialises the [b, heads, s, s] scores. The norms are torch's
+own RMSNorm/LayerNorm in both specs: on GPU each is already a single fused kernel.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
@@ -17,6 +27,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -42,7 +53,67 @@ class TorchNorm:
         return norm
 
 
-def _layer_spec(mlp: ModuleSpec, attn_mask_type: AttnMaskType, qk_norm: bool) -> ModuleSpec:
+class SDPAttention(MegatronModule):
+    """Core attention through F.scaled_dot_product_attention; a drop-in for megatron-core's
+    DotProductAttention (same constructor and forward, same [s, b, heads, dim] -> [s, b, h])."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        assert config.context_parallel_size == 1, "SDPAttention has no context parallelism"
+        self.attn_mask_type = attn_mask_type
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        # None: SDPA's own 1/sqrt(head_dim), as DotProductAttention. (Megatron's query-key layer
+        # scaling divides the scores by the layer number and multiplies them back in the fp32
+        # softmax, a no-op on the result, so it needs no counterpart here.)
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        assert attention_bias is None and packed_seq_params is None
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        mask_type = attn_mask_type or self.attn_mask_type
+        # megatron's boolean masks are True where masked; SDPA's are True where attended.
+        mask = None if mask_type == AttnMaskType.no_mask or attention_mask is None else ~attention_mask
+        dropout = self.dropout if self.training else 0.0
+        # Heads differ across TP ranks, so their dropout draws come from the model-parallel RNG.
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask_type == AttnMaskType.causal,
+                scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1],  # K/V stay at their query-group count
+            )
+        s, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# The only difference between the specs: which module computes softmax(QK^T)V.
+CORE_ATTENTION = {"local": DotProductAttention, "fast": SDPAttention}
+
+
+def _layer_spec(
+    mlp: ModuleSpec, attn_mask_type: AttnMaskType, qk_norm: bool, kind: str
+) -> ModuleSpec:
     qk = TorchNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
@@ -55,7 +126,7 @@ def _layer_spec(mlp: ModuleSpec, attn_mask_type: AttnMaskType, qk_norm: bool) ->
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    core_attention=CORE_ATTENTION[kind],
                     linear_proj=RowParallelLinear,
                     q_layernorm=qk,
                     k_layernorm=qk,
@@ -70,7 +141,7 @@ def _layer_spec(mlp: ModuleSpec, attn_mask_type: AttnMaskType, qk_norm: bool) ->
 
 
 def llm_block_spec(
-    config: TransformerConfig, vp_stage: int | None = None
+    config: TransformerConfig, vp_stage: int | None = None, kind: str = "local"
 ) -> TransformerBlockSubmodules:
     """The decoder layers built on this pipeline stage: dense, or MoE every `moe_layer_freq`."""
     backend = LocalSpecProvider()
@@ -78,6 +149,7 @@ def llm_block_spec(
         get_mlp_module_spec_for_backend(backend, num_experts=None),
         AttnMaskType.arbitrary,
         config.qk_layernorm,
+        kind,
     )
     layer_specs = [dense] * config.num_layers
     if config.num_moe_experts:
@@ -87,6 +159,7 @@ def llm_block_spec(
             ),
             AttnMaskType.arbitrary,
             config.qk_layernorm,
+            kind,
         )
         layer_specs = [
             moe if i % config.moe_layer_freq == 0 else dense for i in range(config.num_layers)
@@ -98,7 +171,7 @@ def llm_block_spec(
     )
 
 
-def vision_layer_spec() -> ModuleSpec:
+def vision_layer_spec(kind: str = "local") -> ModuleSpec:
     """A CLIP ViT layer: pre-LN, bidirectional attention, biased linears (QuickGELU via config)."""
     mlp = get_mlp_module_spec_for_backend(LocalSpecProvider(), num_experts=None)
-    return _layer_spec(mlp, AttnMaskType.no_mask, qk_norm=False)
+    return _layer_spec(mlp, AttnMaskType.no_mask, qk_norm=False, kind=kind)

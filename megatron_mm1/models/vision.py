@@ -19,7 +19,7 @@ class VisionEncoder(MegatronModule):
     layers actually run (up to the feature layer); later layers are not built.
     """
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig) -> None:
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, layer_spec: str = "local") -> None:
         super().__init__(config=config)
         width = config.hidden_size
         self.patch_size = vision.patch_size
@@ -32,7 +32,7 @@ class VisionEncoder(MegatronModule):
             config.init_method(self.position_embedding)
         self.ln_pre = TorchNorm(config, width, eps=config.layernorm_epsilon)
         self.transformer = TransformerBlock(
-            config=config, spec=vision_layer_spec(), pre_process=True, post_process=False
+            config=config, spec=vision_layer_spec(layer_spec), pre_process=True, post_process=False
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""`mm1 train`: pretraining or fine-tuning with the megatron or DeepSpeed engine.
+
+Under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID set) each process runs the loop
+itself; otherwise `--nproc N` starts N local processes under torch.distributed's launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """--data, --steps and --set as config overrides (later wins)."""
+    sets = []
+    if args.data:
+        data = Path(args.data).resolve()
+        sets += [f"data.path={data}", f"data.tokenizer={data / 'tokenizer.model'}"]
+    if args.steps is not None:
+        sets.append(f"training.steps={args.steps}")
+    return sets + args.set
+
+
+def worker_args(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    argv = ["--config", args.config, "--out", str(Path(args.out).resolve())]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_mm1.config import config_to_dict, load_config, validate
+    from megatron_mm1.runtime import dist_env
+
+    overrides = overrides_from_args(args)
+    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    world_size = dist_env().world_size if launched else args.nproc
+    cfg = load_config(args.config, overrides)
+    validate(cfg, world_size=world_size)  # before any process starts
+    if args.dry_run:
+        print(json.dumps({"world_size": world_size, "config": config_to_dict(cfg)}, indent=1))
+        return 0
+    if launched or args.nproc == 1:
+        from megatron_mm1.train import main
+
+        return main(worker_args(args, overrides))
+    from megatron_mm1.launch import launch_local
+    from megatron_mm1.train import EXIT_RECORD
+
+    code = launch_local(args.nproc, "megatron_mm1.train", worker_args(args, overrides))
+    record = Path(args.out) / EXIT_RECORD
+    if code != 0 and record.is_file():
+        # torchrun reports any worker failure as 1; the run's own record says why it ended.
+        code = json.loads(record.read_text())["code"]
+    return code
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="preset name (e.g. mm1-3b, tiny) or YAML path")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, tensorboard/")
+    p.add_argument("--data", help="prepared data folder (`mm1 data prepare`); its tokenizer.model is used")
+    p.add_argument("--steps", type=int, help="total training steps (training.steps)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. parallel.tensor_model_parallel_size=2 (repeatable)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune (megatron or DeepSpeed engine), with checkpoints and resume",
+        description="Train an MM1 model. Run under torchrun/srun (one process per device), or "
+        "give --nproc N to start N local processes. Exit codes: 0 done, 75 stopped by "
+        "SIGTERM/SIGUSR1 after saving (requeue), 3 stopped after repeated NaN/Inf steps, 2 "
+        "configuration error.",
+    )
+    add_train_arguments(p)
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in OUT, if any) or a checkpoint folder")
+    p.add_argument("--nproc", type=int, default=1, help="local processes to start when not under a launcher (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; start nothing")
+    p.set_defaults(func=run)

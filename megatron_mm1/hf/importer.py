@@ -1,0 +1,127 @@
+"""`mm1 convert from-hf`: Hugging Face weights -> an MM1 checkpoint (config.yaml + model/).
+
+Sources:
+- an MM1 folder written by `to-hf`: everything, with the training config it carries;
+- a native causal LM folder (Llama, Qwen3, Qwen2-MoE, Qwen3-MoE): the LLM; the config is
+  `--config` with the LLM's shape taken from the folder; plus optionally `--vision` a CLIP
+  folder (CLIPVisionModel or CLIPModel) for the encoder. Parts without a source (the
+  connector, or the encoder without --vision) keep their fresh initialisation (seed
+  training.seed).
+
+The model is built in one process (TP = PP = EP = 1) and saved with dist_checkpointing, which
+reshards on load. Memory: the whole model in its dtype, plus one tensor group being read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_mm1.checkpoint import save_config, save_model
+from megatron_mm1.config import Config, ConfigError, _build, _merge, config_to_dict, load_config, parse_override
+from megatron_mm1.hf.export import staging_dir
+from megatron_mm1.hf.hf_io import HFFolder
+from megatron_mm1.hf.mapping import (
+    CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap, group_of,
+    llm_fields_from_hf, vision_fields_from_hf,
+)
+from megatron_mm1.hf.megatron_io import single_process
+
+
+def import_config(
+    hf: HFFolder, vision: HFFolder | None, config: str | None, overrides: list[str]
+) -> Config:
+    """The MM1 config for these weights: the one an MM1 folder carries, or `config` (default
+    mm1-3b) with the LLM (and encoder) shapes of the sources; `overrides` last."""
+    if hf.config.get("model_type") == "mm1":
+        tree = hf.config.get("mm1_config")
+        if not tree:
+            raise ConfigError(f"{hf.path}/config.json has no mm1_config (not written by mm1 convert to-hf)")
+    else:
+        tree = config_to_dict(load_config(config or "mm1-3b"))
+        fields = llm_fields_from_hf(hf.config)
+        tree["model"]["llm"].update(fields["llm"])
+        tree["model"]["moe"].update(fields["moe"])
+        if vision is not None:
+            tree["model"]["vision"].update(vision_fields_from_hf(vision.config))
+    for item in overrides:
+        _merge(tree, *parse_override(item))
+    return _build(Config, tree)
+
+
+def from_hf(
+    hf_dir: str | Path,
+    out: str | Path,
+    vision_dir: str | Path | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert; returns `out`. Raises ConfigError for bad input, leaving nothing behind."""
+    from megatron_mm1.models.mm1 import MM1Model
+
+    out = Path(out)
+    tmp = staging_dir(out)
+    hf = HFFolder(hf_dir)
+    is_mm1 = hf.config.get("model_type") == "mm1"
+    if is_mm1 and vision_dir is not None:
+        raise ConfigError("--vision is for native LLM folders; an MM1 folder carries its encoder")
+    vision = HFFolder(vision_dir, what="--vision") if vision_dir is not None else None
+    cfg = import_config(hf, vision, config, overrides or [])
+    # Which folder holds which part, under which prefix.
+    if is_mm1:
+        sources = [(NameMap(cfg, MM1_VISION_PREFIX, MM1_LLM_PREFIX), hf)]
+    else:
+        sources = [(NameMap(cfg, None, ""), hf)]
+        if vision is not None:
+            sources.append((NameMap(cfg, CLIP_VISION_PREFIX, None), vision))
+    tied = not is_mm1 and hf.config.get("tie_word_embeddings", False)
+
+    single = single_process(cfg)
+    model = MM1Model(single)
+    params = {n: p for n, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}
+    fresh: set[str] = set()
+    try:
+        tmp.mkdir(parents=True)
+        bar = tqdm(total=len(params), unit="tensor", desc="from-hf", disable=not progress)
+        with torch.no_grad():
+            for name, param in params.items():
+                found = [(m, src) for m, src in sources if m.covers(name)]
+                if not found:
+                    fresh.add(group_of(name).split(".")[0])
+                else:
+                    param.copy_(_read(name, param, *found[0], tied=tied))
+                bar.update()
+        bar.close()
+        save_model([model], tmp / "model")
+        save_config(cfg, tmp / "config.yaml")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if fresh and progress:
+        print(f"freshly initialised (no source weights): {', '.join(sorted(fresh))}")
+    return out
+
+
+def _read(name: str, param: torch.Tensor, names: NameMap, src: HFFolder, tied: bool) -> torch.Tensor:
+    hf_names = names.hf_names(name)
+    if tied and hf_names == ["lm_head.weight"] and "lm_head.weight" not in src:
+        hf_names = ["model.embed_tokens.weight"]  # tied input/output embeddings
+    missing = [n for n in hf_names if n not in src]
+    if missing:
+        raise ConfigError(
+            f"{src.path} has no tensor {missing[0]} (needed for {name}); "
+            "it is not a model of this configuration"
+        )
+    tensor = names.from_hf(name, [src.get(n) for n in hf_names])
+    if tensor.shape != param.shape:
+        raise ConfigError(
+            f"{src.path}: {', '.join(hf_names)} give shape {tuple(tensor.shape)} for {name}, "
+            f"but the configuration needs {tuple(param.shape)}"
+        )
+    return tensor

@@ -1,0 +1,348 @@
+"""Layout planner: enumerate TP, PP (and virtual stages), EP, DP, micro-batch size and activation
+recomputation for a GPU count, estimate each layout's per-GPU memory and relative throughput,
+rank those that fit and say why the others do not.
+
+Parameter counts per rank are exact (tests/test_planner.py checks them against real models
+built at each layout). Memory and throughput are models; their assumptions are listed in
+docs/performance.md and were not calibrated on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_mm1 import flops
+from megatron_mm1.config import Config, ConfigError, validate
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float  # what the device reports as usable
+    peak_tflops: float  # bf16 dense
+
+
+GPUS = {
+    "h100-80gb": GPU("H100 SXM 80GB", 79.6, 989.0),
+    "h200-141gb": GPU("H200 141GB", 139.8, 989.0),
+    "a100-80gb": GPU("A100 SXM 80GB", 79.2, 312.0),
+    "a100-40gb": GPU("A100 SXM 40GB", 39.4, 312.0),
+}
+GPUS_PER_NODE = 8
+RESERVED_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+# Compute efficiency relative to TP1 (per-layer collectives on NVLink); TP stays inside a node.
+TP_EFFICIENCY = {1: 1.0, 2: 0.93, 4: 0.87, 8: 0.80}
+MICRO_BATCH_EFFICIENCY = {1: 1.0, 2: 1.03, 4: 1.05}  # larger GEMMs run a little closer to peak
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: Optional[int]
+    ep: int
+    etp: int
+    dp: int
+    micro_batch: int
+    recompute: str  # none | full (LLM layers)
+
+    def overrides(self) -> list[str]:
+        """The `--set` overrides that select this layout."""
+        sets = [
+            f"parallel.tensor_model_parallel_size={self.tp}",
+            f"parallel.pipeline_model_parallel_size={self.pp}",
+            f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
+            f"training.micro_batch_size={self.micro_batch}",
+        ]
+        if self.vpp:
+            sets.append(f"parallel.virtual_pipeline_model_parallel_size={self.vpp}")
+        if self.ep > 1:
+            sets += [f"parallel.expert_model_parallel_size={self.ep}",
+                     f"parallel.expert_tensor_parallel_size={self.etp}"]
+        return sets
+
+    def name(self) -> str:
+        parts = [f"tp{self.tp}", f"pp{self.pp}"] + ([f"vpp{self.vpp}"] if self.vpp else [])
+        parts += [f"ep{self.ep}", f"etp{self.etp}"] if self.ep > 1 else []
+        return "".join(parts) + f"dp{self.dp}-mbs{self.micro_batch}" + ("-recompute" if self.recompute == "full" else "")
+
+
+def apply_layout(cfg: Config, layout: Layout) -> Config:
+    cfg = copy.deepcopy(cfg)
+    p = cfg.parallel
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
+    p.virtual_pipeline_model_parallel_size = layout.vpp
+    p.sequence_parallel = layout.tp > 1
+    p.expert_model_parallel_size = layout.ep
+    p.expert_tensor_parallel_size = layout.etp if cfg.model.moe.num_experts else None
+    cfg.training.micro_batch_size = layout.micro_batch
+    return cfg
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _connector_parameters(cfg: Config) -> int:
+    """Plain torch, replicated on every TP rank: count the module itself on the meta device."""
+    import torch
+
+    from megatron_mm1.models.connector import build_connector
+
+    m = cfg.model
+    with torch.device("meta"):
+        module = build_connector(m.connector, m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size)
+    return sum(p.numel() for p in module.parameters())
+
+
+def _vision_parameters(cfg: Config, tp: int) -> int:
+    v = cfg.model.vision
+    w, f = v.hidden_size, v.ffn_hidden_size
+    embed = 3 * v.patch_size**2 * w + w + (v.num_patches + 1) * w + 2 * w  # conv, CLS, positions, ln_pre
+    # Two LayerNorms; column-parallel QKV and fc1 shard weight and bias; row-parallel proj and
+    # fc2 shard the weight and keep the whole bias.
+    layer = 4 * w + (3 * w * w + 3 * w) // tp + w * w // tp + w + (w * f + f) // tp + w * f // tp + w
+    return embed + v.num_layers_used * layer
+
+
+def _chunk_layers(cfg: Config, pp_rank: int, vp_stage: int) -> range:
+    p, n = cfg.parallel, cfg.model.llm.num_layers
+    vpp = p.virtual_pipeline_model_parallel_size or 1
+    per_chunk = n // (p.pipeline_model_parallel_size * vpp)
+    start = vp_stage * (n // vpp) + pp_rank * per_chunk  # megatron-core's layer offset
+    return range(start, start + per_chunk)
+
+
+def rank_parameters(cfg: Config, pp_rank: int) -> dict[str, int]:
+    """Exact parameter counts held by one rank of pipeline stage `pp_rank` (every TP and EP
+    rank of a stage holds the same): `dense` (replicated over DP), `expert` (replicated over
+    expert-DP), `total`."""
+    llm, moe, p = cfg.model.llm, cfg.model.moe, cfg.parallel
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    h, d = llm.hidden_size, llm.hidden_size // llm.num_attention_heads
+    q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
+    attention = h + (q + 2 * kv) * h // tp + h * q // tp + (2 * d if llm.qk_layernorm else 0) + h
+    dense_mlp = 3 * llm.ffn_hidden_size * h // tp
+    expert_ffn = moe.ffn_hidden_size or llm.ffn_hidden_size
+    dense = expert = 0
+    for vp_stage in range(p.virtual_pipeline_model_parallel_size or 1):
+        for i in _chunk_layers(cfg, pp_rank, vp_stage):
+            dense += attention
+            if moe.num_experts and i % moe.layer_freq == 0:
+                dense += moe.num_experts * h  # the router, replicated
+                expert += moe.num_experts // ep * 3 * expert_ffn * h // etp
+            else:
+                dense += dense_mlp
+    if pp_rank == 0:  # first chunk: embeddings and the vision side
+        dense += llm.vocab_size * h // tp + _vision_parameters(cfg, tp) + _connector_parameters(cfg)
+    if pp_rank == pp - 1:  # last chunk: final norm and output layer
+        dense += h + llm.vocab_size * h // tp
+    return {"dense": dense, "expert": expert, "total": dense + expert}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _layer_activation_bytes(cfg: Config, moe_layer: bool) -> float:
+    """Bytes one LLM layer keeps for backward, per token of a micro-batch (bf16 tensors)."""
+    llm, moe, p = cfg.model.llm, cfg.model.moe, cfg.parallel
+    tp = p.tensor_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    h, s, d = llm.hidden_size, cfg.data.seq_length, llm.hidden_size // llm.num_attention_heads
+    q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
+    seq = 4 * h / (tp if p.sequence_parallel else 1)  # two norm inputs and outputs
+    attn = (q + 2 * kv + q) / tp  # Q, K, V and the attention output
+    if cfg.model.layer_spec == "local":
+        attn += llm.num_attention_heads / tp * s  # unfused: the [heads, s, s] probabilities
+    else:
+        attn += s / 2  # SDPA keeps this layer's boolean [s, s] mask (1 byte) for backward
+    if moe_layer:
+        f = moe.ffn_hidden_size or llm.ffn_hidden_size
+        mlp = moe.router_topk * (2 * h + 3 * f / etp) + 2 * moe.num_experts  # + fp32 router logits
+    else:
+        mlp = 3 * llm.ffn_hidden_size / tp  # gate/up output and SwiGLU output
+    return 2.0 * (seq + attn + mlp)
+
+
+def _vision_activation_bytes(cfg: Config, images: int) -> float:
+    """Bytes the vision encoder and connector keep for backward for `images` images."""
+    v, c, tp = cfg.model.vision, cfg.model.connector, cfg.parallel.tensor_model_parallel_size
+    w, t = v.hidden_size, v.num_patches + 1
+    per_token = 4 * w + (3 * w + w + 2 * v.ffn_hidden_size) / tp
+    if cfg.model.layer_spec == "local":
+        per_token += v.num_attention_heads / tp * t
+    encoder = 2.0 * images * t * v.num_layers_used * per_token
+    # About twelve feature maps per RegNet bottleneck (convs, norms, activations, SE).
+    connector = 2.0 * images * 12 * c.depth * c.hidden_size * (v.num_patches + c.num_image_tokens)
+    return encoder + connector
+
+
+def memory_per_gpu(
+    cfg: Config, layout: Layout, images_per_sequence: int, distributed_optimizer: bool = True
+) -> dict[str, float]:
+    """GiB on the most loaded rank (the pipeline stage with the largest sum), by category."""
+    cfg = apply_layout(cfg, layout)
+    llm, moe = cfg.model.llm, cfg.model.moe
+    bf16 = cfg.training.bf16
+    weight_bytes = 2 if bf16 else 4
+    optim_bytes = 12 if bf16 else 8  # Adam moments, plus fp32 master weights under bf16
+    expert_dp = layout.dp * layout.tp // (layout.ep * layout.etp)
+    micro_batches = cfg.training.global_batch_size // (layout.micro_batch * layout.dp)
+    tokens = layout.micro_batch * cfg.data.seq_length
+    vpp = layout.vpp or 1
+    worst: dict[str, float] = {}
+    for stage in range(layout.pp):
+        params = rank_parameters(cfg, stage)
+        optimizer = optim_bytes * (
+            params["dense"] / layout.dp + params["expert"] / expert_dp if distributed_optimizer else params["total"]
+        )
+        layers = [i for v in range(vpp) for i in _chunk_layers(cfg, stage, v)]
+        per_mb = [_layer_activation_bytes(cfg, moe.num_experts > 0 and i % moe.layer_freq == 0) for i in layers]
+        if layout.recompute == "full":
+            # Only each layer's input is kept; one layer's activations are rebuilt at a time.
+            kept = 2.0 * llm.hidden_size / layout.tp * len(layers) + max(per_mb)  # SP at TP > 1
+        else:
+            kept = sum(per_mb)
+        # 1F1B keeps pp - stage micro-batches in flight; the interleaved schedule's warm-up
+        # holds (pp - stage - 1) * 2 + (vpp - 1) * pp + 1 chunks, each 1/vpp of the stage.
+        in_flight = layout.pp - stage if vpp == 1 else ((layout.pp - stage - 1) * 2 + (vpp - 1) * layout.pp + 1) / vpp
+        in_flight = min(in_flight, micro_batches)
+        activations = tokens * kept * in_flight
+        if stage == 0:
+            images = layout.micro_batch * images_per_sequence
+            activations += _vision_activation_bytes(cfg, images) * min(layout.pp, micro_batches)
+        if stage == layout.pp - 1:
+            # bf16 logits, their fp32 copy, and the cross-entropy's fp32 softmax; one micro-batch.
+            activations += tokens * llm.vocab_size / layout.tp * 10
+        row = {
+            "weights": weight_bytes * params["total"] / GIB,
+            "gradients": 4 * params["total"] / GIB,  # fp32 main_grad buffers
+            "optimizer": optimizer / GIB,
+            "activations": activations / GIB,
+        }
+        row["total"] = sum(row.values()) + RESERVED_GIB
+        row["stage"] = stage
+        if not worst or row["total"] > worst["total"]:
+            worst = row
+    return worst
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def relative_step_time(cfg: Config, layout: Layout, images_per_sequence: int) -> float:
+    """A step's time in units of (FLOPs / GPU efficiency), for ranking layouts of one GPU count.
+
+    The slowest pipeline stage sets the pace (stage 0 also runs the vision side, the last the
+    output layer); 1F1B adds (pp - 1) / vpp micro-batches of bubble; TP, EP and micro-batch
+    size scale efficiency; full recomputation re-runs each LLM layer's forward."""
+    cfg = apply_layout(cfg, layout)
+    llm, moe, s = cfg.model.llm, cfg.model.moe, cfg.data.seq_length
+    mult = flops.backward_multipliers(cfg)
+    # One sequence: images_per_sequence images, the rest text, as one causal sample.
+    fwd = flops.forward_flops(cfg, [s], images_per_sequence)
+    layer_fwd = (fwd["llm_linear"] + fwd["llm_attention"]) / llm.num_layers
+    dense_extra = moe_extra = 0.0
+    if moe.num_experts:
+        f_moe = moe.ffn_hidden_size or llm.ffn_hidden_size
+        h = llm.hidden_size
+        moe_layers = len(range(0, llm.num_layers, moe.layer_freq))
+        # Spread evenly above; put the MoE FFN difference back on the layers that have it.
+        diff = 2.0 * s * (h * moe.num_experts + moe.router_topk * 3 * h * f_moe - 3 * h * llm.ffn_hidden_size)
+        moe_extra = diff - diff * moe_layers / llm.num_layers
+        dense_extra = -diff * moe_layers / llm.num_layers
+    recompute = 4 / 3 if layout.recompute == "full" else 1.0
+    stage_time = []
+    vpp = layout.vpp or 1
+    for stage in range(layout.pp):
+        layers = [i for v in range(vpp) for i in _chunk_layers(cfg, stage, v)]
+        work = sum(
+            layer_fwd + (moe_extra if moe.num_experts and i % moe.layer_freq == 0 else dense_extra) for i in layers
+        ) * 3 * recompute
+        if stage == 0:
+            work += sum(fwd[k] * mult[k] for k in ("patch_embed", "vision", "connector"))
+        if stage == layout.pp - 1:
+            work += fwd["logits"] * mult["logits"]
+        stage_time.append(work)
+    efficiency = TP_EFFICIENCY[layout.tp] * MICRO_BATCH_EFFICIENCY[layout.micro_batch]
+    if layout.ep > 1:
+        efficiency *= 1 - 0.03 * math.log2(layout.ep)  # token all-to-all
+    if layout.vpp:
+        efficiency *= 0.98  # more pipeline sends
+    micro_batches = cfg.training.global_batch_size // (layout.micro_batch * layout.dp)
+    per_micro_batch = max(stage_time) * layout.micro_batch / (layout.tp * efficiency)
+    return per_micro_batch * (micro_batches + (layout.pp - 1) / vpp)
+
+
+# ----------------------------------------------------------------------------- enumeration
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
+    llm, moe = cfg.model.llm, cfg.model.moe
+    out = []
+    for tp, pp in itertools.product([1, 2, 4, 8, 16], _divisors(llm.num_layers)):
+        if gpus % (tp * pp):
+            continue
+        dp = gpus // (tp * pp)
+        for vpp in [None] + ([2, 4] if pp > 1 else []):
+            eps = [e for e in _divisors(moe.num_experts) if e <= gpus] if moe.num_experts else [1]
+            for ep, etp in itertools.product(eps, sorted({1, tp}) if moe.num_experts else [tp]):
+                for mbs, rec in itertools.product([1, 2, 4], ["none", "full"]):
+                    out.append(Layout(tp, pp, vpp, ep, etp if ep > 1 else tp, dp, mbs, rec))
+    return list(dict.fromkeys(out))
+
+
+def plan(
+    cfg: Config,
+    gpus: int,
+    gpu: GPU,
+    images_per_sequence: Optional[int] = None,
+    distributed_optimizer: bool = True,
+) -> dict:
+    """{'fits': ranked [{layout, memory, relative_throughput, ...}], 'rejected': [{layout, reason}]}."""
+    images = cfg.model.max_images_per_sequence if images_per_sequence is None else images_per_sequence
+    fits, rejected = [], []
+    for layout in candidate_layouts(cfg, gpus):
+        entry = {"layout": dataclasses.asdict(layout), "name": layout.name()}
+        if layout.tp > GPUS_PER_NODE:
+            rejected.append({**entry, "reason": f"TP{layout.tp} spans nodes: keep TP within {GPUS_PER_NODE} GPUs"})
+            continue
+        try:
+            validate(apply_layout(cfg, layout), world_size=gpus)
+        except ConfigError as e:
+            rejected.append({**entry, "reason": str(e).split("\n  - ", 1)[-1].replace("\n  - ", "; ")})
+            continue
+        mem = memory_per_gpu(cfg, layout, images, distributed_optimizer)
+        entry["memory_gib"] = {k: round(v, 2) for k, v in mem.items()}
+        if mem["total"] > gpu.memory_gib:
+            largest = max(("weights", "gradients", "optimizer", "activations"), key=mem.get)
+            rejected.append({**entry, "reason": (
+                f"needs {mem['total']:.1f} GiB on pipeline stage {mem['stage']} > {gpu.memory_gib} GiB "
+                f"of a {gpu.name} (largest: {largest} {mem[largest]:.1f} GiB)")})
+            continue
+        entry["step_time"] = relative_step_time(cfg, layout, images)
+        entry["overrides"] = layout.overrides()
+        fits.append(entry)
+    best = min((f["step_time"] for f in fits), default=1.0)
+    for f in fits:
+        f["relative_throughput"] = round(best / f.pop("step_time"), 3)
+    fits.sort(key=lambda f: (-f["relative_throughput"], f["memory_gib"]["total"]))
+    return {
+        "gpus": gpus,
+        "gpu": dataclasses.asdict(gpu),
+        "images_per_sequence": images,
+        "distributed_optimizer": distributed_optimizer,
+        "fits": fits,
+        "rejected": rejected,
+    }
