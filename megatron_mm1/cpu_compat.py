@@ -83,36 +83,15 @@ def _patch_torch_cuda() -> None:
     torch.Tensor.record_stream = lambda self, stream: None
 
 
-def _patch_rng_tracker() -> None:
-    """megatron's CudaRNGStatesTracker keeps CUDA generator states; keep CPU ones instead."""
+def _patch_rng() -> None:
+    """megatron's RNG tracker and activation checkpointing save and restore CUDA generator
+    states; use the CPU generator's."""
     from megatron.core.tensor_parallel import random
 
-    class CpuRNGStatesTracker(random.CudaRNGStatesTracker):
-        def add(self, name, seed):
-            if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            self.seeds_.add(seed)
-            orig = torch.get_rng_state()
-            torch.manual_seed(seed)
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(orig)
-
-        @contextlib.contextmanager
-        def fork(self, name=random._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
-            orig = torch.get_rng_state()
-            torch.set_rng_state(self.states_[name])
-            try:
-                yield
-            finally:
-                self.states_[name] = torch.get_rng_state()
-                torch.set_rng_state(orig)
-
-    random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    torch.cuda.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    torch.cuda.manual_seed = torch.manual_seed
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
 
 def _patch_moe() -> None:
@@ -143,7 +122,7 @@ def enable() -> None:
         return
     assert not torch.cuda.is_available(), "the CPU adaptation must not run with CUDA"
     _patch_torch_cuda()
-    _patch_rng_tracker()
+    _patch_rng()
     _patch_moe()
     CudaAsCpu().__enter__()  # for the life of the process
     _enabled = True

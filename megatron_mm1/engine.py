@@ -61,8 +61,14 @@ def loss_func(loss_mask: torch.Tensor, output: MM1Output):
     return loss, metrics
 
 
+def _to_device(batch: dict) -> dict:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = _to_device(next(data_iterator))
     mask = attention_mask_from_segments(batch["segment_ids"])
     output = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])

@@ -51,7 +51,7 @@ class Layout:
     etp: int
     dp: int
     micro_batch: int
-    recompute: str  # none | full (LLM layers)
+    recompute: str  # training.recompute_llm: none | selective (attention core) | full (layers)
 
     def overrides(self) -> list[str]:
         """The `--set` overrides that select this layout."""
@@ -60,6 +60,7 @@ class Layout:
             f"parallel.pipeline_model_parallel_size={self.pp}",
             f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
             f"training.micro_batch_size={self.micro_batch}",
+            f"training.recompute_llm={self.recompute}",
         ]
         if self.vpp:
             sets.append(f"parallel.virtual_pipeline_model_parallel_size={self.vpp}")
@@ -71,7 +72,7 @@ class Layout:
     def name(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"] + ([f"vpp{self.vpp}"] if self.vpp else [])
         parts += [f"ep{self.ep}", f"etp{self.etp}"] if self.ep > 1 else []
-        return "".join(parts) + f"dp{self.dp}-mbs{self.micro_batch}" + ("-recompute" if self.recompute == "full" else "")
+        return "".join(parts) + f"dp{self.dp}-mbs{self.micro_batch}" + ("" if self.recompute == "none" else f"-rc-{self.recompute}")
 
 
 def apply_layout(cfg: Config, layout: Layout) -> Config:
@@ -83,6 +84,7 @@ def apply_layout(cfg: Config, layout: Layout) -> Config:
     p.expert_model_parallel_size = layout.ep
     p.expert_tensor_parallel_size = layout.etp if cfg.model.moe.num_experts else None
     cfg.training.micro_batch_size = layout.micro_batch
+    cfg.training.recompute_llm = layout.recompute
     return cfg
 
 
@@ -160,7 +162,8 @@ def _layer_activation_bytes(cfg: Config, moe_layer: bool) -> float:
     seq = 4 * h / (tp if p.sequence_parallel else 1)  # two norm inputs and outputs
     attn = (q + 2 * kv + q) / tp  # Q, K, V and the attention output
     if cfg.model.layer_spec == "local":
-        attn += llm.num_attention_heads / tp * s  # unfused: the [heads, s, s] probabilities
+        # Unfused: the [heads, s, s] probabilities, unless selective recomputation rebuilds them.
+        attn += 0 if cfg.training.recompute_llm == "selective" else llm.num_attention_heads / tp * s
     else:
         attn += s / 2  # SDPA keeps this layer's boolean [s, s] mask (1 byte) for backward
     if moe_layer:
@@ -184,11 +187,11 @@ def _vision_activation_bytes(cfg: Config, images: int) -> float:
     return encoder + connector
 
 
-def memory_per_gpu(
-    cfg: Config, layout: Layout, images_per_sequence: int, distributed_optimizer: bool = True
-) -> dict[str, float]:
-    """GiB on the most loaded rank (the pipeline stage with the largest sum), by category."""
+def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dict[str, float]:
+    """GiB on the most loaded rank (the pipeline stage with the largest sum), by category;
+    the optimizer state is sharded over DP under training.distributed_optimizer."""
     cfg = apply_layout(cfg, layout)
+    distributed_optimizer = cfg.training.distributed_optimizer
     llm, moe = cfg.model.llm, cfg.model.moe
     bf16 = cfg.training.bf16
     weight_bytes = 2 if bf16 else 4
@@ -258,14 +261,16 @@ def relative_step_time(cfg: Config, layout: Layout, images_per_sequence: int) ->
         diff = 2.0 * s * (h * moe.num_experts + moe.router_topk * 3 * h * f_moe - 3 * h * llm.ffn_hidden_size)
         moe_extra = diff - diff * moe_layers / llm.num_layers
         dense_extra = -diff * moe_layers / llm.num_layers
-    recompute = 4 / 3 if layout.recompute == "full" else 1.0
+    # Full recomputation re-runs each layer's forward; selective only its attention core.
+    recompute = {"none": 0.0, "selective": fwd["llm_attention"] / llm.num_layers, "full": layer_fwd}[layout.recompute]
     stage_time = []
     vpp = layout.vpp or 1
     for stage in range(layout.pp):
         layers = [i for v in range(vpp) for i in _chunk_layers(cfg, stage, v)]
         work = sum(
-            layer_fwd + (moe_extra if moe.num_experts and i % moe.layer_freq == 0 else dense_extra) for i in layers
-        ) * 3 * recompute
+            3 * (layer_fwd + (moe_extra if moe.num_experts and i % moe.layer_freq == 0 else dense_extra)) + recompute
+            for i in layers
+        )
         if stage == 0:
             work += sum(fwd[k] * mult[k] for k in ("patch_embed", "vision", "connector"))
         if stage == layout.pp - 1:
@@ -291,45 +296,40 @@ def _divisors(n: int) -> list[int]:
 def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
     llm, moe = cfg.model.llm, cfg.model.moe
     out = []
-    for tp, pp in itertools.product([1, 2, 4, 8, 16], _divisors(llm.num_layers)):
+    # selective recomputation only pays where attention keeps its [s, s] probabilities.
+    recomputes = ["none", "selective", "full"] if cfg.model.layer_spec == "local" else ["none", "full"]
+    for tp, pp in itertools.product([t for t in (1, 2, 4, 8) if t <= GPUS_PER_NODE], _divisors(llm.num_layers)):
         if gpus % (tp * pp):
             continue
         dp = gpus // (tp * pp)
         for vpp in [None] + ([2, 4] if pp > 1 else []):
             eps = [e for e in _divisors(moe.num_experts) if e <= gpus] if moe.num_experts else [1]
             for ep, etp in itertools.product(eps, sorted({1, tp}) if moe.num_experts else [tp]):
-                for mbs, rec in itertools.product([1, 2, 4], ["none", "full"]):
+                for mbs, rec in itertools.product([1, 2, 4], recomputes):
                     out.append(Layout(tp, pp, vpp, ep, etp if ep > 1 else tp, dp, mbs, rec))
     return list(dict.fromkeys(out))
 
 
-def plan(
-    cfg: Config,
-    gpus: int,
-    gpu: GPU,
-    images_per_sequence: Optional[int] = None,
-    distributed_optimizer: bool = True,
-) -> dict:
+def plan(cfg: Config, gpus: int, gpu: GPU, images_per_sequence: Optional[int] = None) -> dict:
     """{'fits': ranked [{layout, memory, relative_throughput, ...}], 'rejected': [{layout, reason}]}."""
     images = cfg.model.max_images_per_sequence if images_per_sequence is None else images_per_sequence
     fits, rejected = [], []
     for layout in candidate_layouts(cfg, gpus):
         entry = {"layout": dataclasses.asdict(layout), "name": layout.name()}
-        if layout.tp > GPUS_PER_NODE:
-            rejected.append({**entry, "reason": f"TP{layout.tp} spans nodes: keep TP within {GPUS_PER_NODE} GPUs"})
-            continue
         try:
             validate(apply_layout(cfg, layout), world_size=gpus)
         except ConfigError as e:
-            rejected.append({**entry, "reason": str(e).split("\n  - ", 1)[-1].replace("\n  - ", "; ")})
+            reason = str(e).split("\n  - ", 1)[-1].replace("\n  - ", "; ")
+            rejected.append({**entry, "reason": reason, "kind": reason})
             continue
-        mem = memory_per_gpu(cfg, layout, images, distributed_optimizer)
+        mem = memory_per_gpu(cfg, layout, images)
         entry["memory_gib"] = {k: round(v, 2) for k, v in mem.items()}
         if mem["total"] > gpu.memory_gib:
             largest = max(("weights", "gradients", "optimizer", "activations"), key=mem.get)
             rejected.append({**entry, "reason": (
                 f"needs {mem['total']:.1f} GiB on pipeline stage {mem['stage']} > {gpu.memory_gib} GiB "
-                f"of a {gpu.name} (largest: {largest} {mem[largest]:.1f} GiB)")})
+                f"of a {gpu.name} (largest: {largest} {mem[largest]:.1f} GiB)"),
+                "kind": f"does not fit in {gpu.memory_gib} GiB (largest part: {largest})"})
             continue
         entry["step_time"] = relative_step_time(cfg, layout, images)
         entry["overrides"] = layout.overrides()
@@ -342,7 +342,7 @@ def plan(
         "gpus": gpus,
         "gpu": dataclasses.asdict(gpu),
         "images_per_sequence": images,
-        "distributed_optimizer": distributed_optimizer,
+        "distributed_optimizer": cfg.training.distributed_optimizer,
         "fits": fits,
         "rejected": rejected,
     }

@@ -13,8 +13,11 @@ from megatron_mm1.synthetic import synthetic_microbatch
 
 @pytest.fixture(scope="module")
 def cfg():
+    from megatron.core import parallel_state
+
     cfg = load_config("tiny")
-    init_runtime(cfg)
+    if not parallel_state.model_parallel_is_initialized():
+        init_runtime(cfg)
     return cfg
 
 
@@ -119,3 +122,24 @@ def test_image_count_mismatch_is_a_clear_error(cfg):
         model.embed(batch["tokens"], batch["images"][:2])
     with pytest.raises(ValueError, match="no images"):
         model.embed(batch["tokens"], batch["images"][:0])
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recomputation_gives_the_same_gradients(cfg, mode):
+    batch = synthetic_microbatch(cfg, seed=6, images_per_row=[1, 2])
+    mask = attention_mask_from_segments(batch["segment_ids"])
+
+    def grads(recompute):
+        cfg.training.recompute_llm = cfg.training.recompute_vision = recompute
+        try:
+            model = make_model(cfg).train()
+        finally:
+            cfg.training.recompute_llm = cfg.training.recompute_vision = "none"
+        out = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+        (out.lm_loss * batch["loss_mask"]).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, recomputed = grads("none"), grads(mode)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], msg=name)

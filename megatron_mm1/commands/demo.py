@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,47 +14,47 @@ DEMO_SETTINGS = [
     "parallel.tensor_model_parallel_size=2",
     "parallel.pipeline_model_parallel_size=2",
     "parallel.sequence_parallel=true",
-    "training.lr=3e-3",
     "training.warmup_steps=10",
-    "training.weight_decay=0.0",
+    "checkpoint.save_interval=20",
 ]
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_mm1.config import load_config, validate
+    from megatron_mm1.commands import train
     from megatron_mm1.data.demo import make_demo
-    from megatron_mm1.launch import launch_local
 
     out = Path(args.out).resolve()
     data = out / "data"
-    overrides = [
-        *DEMO_SETTINGS,
-        f"training.steps={args.steps}",
-        f"data.path={data}",
-        f"data.tokenizer={data / 'tokenizer.model'}",
-        *args.set,
-    ]
-    validate(load_config(args.config, overrides), world_size=args.nproc)  # before any work
+    train_args = argparse.Namespace(
+        config=args.config, out=str(out), data=str(data), steps=args.steps, resume=None,
+        nproc=args.nproc, dry_run=False, set=[*DEMO_SETTINGS, *args.set],
+    )
     if not (data / "tokenizer.model").exists():
         print(f"generating the demo corpus in {data}")
         make_demo(data, progress=True)
-    metrics = out / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    print(f"training {args.config} for {args.steps} steps on {args.nproc} processes (TP2 x PP2)")
+    for stale in ("metrics.jsonl", "checkpoints", "tensorboard"):
+        shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    print(f"training {args.config} for {args.steps} steps on {args.nproc} processes (TP2 x PP2, gloo)")
     start = time.time()
-    sets = [x for item in overrides for x in ("--set", item)]
-    code = launch_local(args.nproc, "megatron_mm1.train", ["--config", args.config, "--out", str(out), *sets])
+    code = train.run(train_args)
     if code != 0:
         print(f"mm1 demo: training exited with code {code}", file=sys.stderr)
         return code
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / min(5, len(rows))
     print(
         f"\ndone in {time.time() - start:.0f}s: loss {first:.3f} at step 1 -> {last:.3f} "
-        f"(mean of the last 5 steps), {100 * (first - last) / first:.0f}% lower"
+        f"(mean of the last 5 steps), {100 * (first - last) / first:.0f}% lower\n"
+        f"  metrics:      {out / 'metrics.jsonl'}\n"
+        f"  tensorboard:  tensorboard --logdir {out / 'tensorboard'}\n"
+        f"  checkpoints:  {out / 'checkpoints'} (newest: {(out / 'checkpoints' / 'latest').read_text().strip()})\n"
+        "next:\n"
+        f"  a run of your own:  mm1 train --config {args.config} --data {data} --out runs/my-run --steps 200 "
+        f"--nproc {args.nproc} " + " ".join(f"--set {s}" for s in DEMO_SETTINGS[:3]) + "\n"
+        "                      (add --resume auto to continue it after an interruption)\n"
+        "  full-size sizes:    mm1 params --config mm1-3b\n"
+        "  your own data:      mm1 data prepare --help"
     )
-    print(f"metrics: {metrics}")
-    print("next: `mm1 params --config mm1-3b` for the full-size model; `mm1 data --help` to prepare your own data")
     return 0
 
 

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu_type not in GPUS:
         raise ConfigError(f"--gpu-type {args.gpu_type} is unknown; use one of {', '.join(GPUS)}")
     cfg = load_config(args.config, args.set)
-    result = plan(cfg, args.gpus, GPUS[args.gpu_type], args.images_per_seq, not args.no_distributed_optimizer)
+    result = plan(cfg, args.gpus, GPUS[args.gpu_type], args.images_per_seq)
     if args.json:
         print(json.dumps(result))
         return 0 if result["fits"] else 1
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.config} on {args.gpus} x {gpu['name']} ({gpu['memory_gib']} GiB usable, 4 GiB reserved), "
         f"{result['images_per_sequence']} images per sequence, seq {cfg.data.seq_length}, "
         f"global batch {cfg.training.global_batch_size}, "
-        f"{'distributed' if result['distributed_optimizer'] else 'replicated'} optimizer, "
+        f"{'distributed' if result['distributed_optimizer'] else 'replicated'} optimizer (training.distributed_optimizer), "
         f"layer spec {cfg.model.layer_spec}\n"
     )
     if result["fits"]:
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nuse the first: {' '.join('--set ' + o for o in result['fits'][0]['overrides'])}")
     else:
         print("no layout fits")
-    reasons = Counter(r["reason"].split(" (largest")[0] if "GiB" in r["reason"] else r["reason"] for r in result["rejected"])
-    print(f"\n{len(result['rejected'])} layouts rejected; most common reasons:")
+    reasons = Counter(r["kind"] for r in result["rejected"])
+    print(f"\n{len(result['rejected'])} layouts rejected; most common reasons (--json lists each):")
     for reason, count in reasons.most_common(args.reasons):
         print(f"  {count:4d} x {reason}")
     return 0 if result["fits"] else 1
@@ -68,8 +68,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gpu-type", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb or a100-40gb")
     p.add_argument("--images-per-seq", type=int, default=None,
                    help="images per sequence for activation memory (default: model.max_images_per_sequence, the worst case)")
-    p.add_argument("--no-distributed-optimizer", action="store_true",
-                   help="replicate the optimizer state on every data-parallel rank")
     p.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
     p.add_argument("--reasons", type=int, default=8, help="rejection reasons shown (default 8)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")

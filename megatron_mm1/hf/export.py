@@ -56,6 +56,7 @@ def to_hf(
         cfg,
         vision_prefix=None if text_only else MM1_VISION_PREFIX,
         llm_prefix="" if text_only else MM1_LLM_PREFIX,
+        connector=not text_only,
     )
     tokenizer = tokenizer or cfg.data.tokenizer
     if tokenizer is not None and not Path(tokenizer).is_file():
@@ -65,7 +66,7 @@ def to_hf(
     dtype = next(iter(ckpt.entries.values())).data.dtype
     try:
         tmp.mkdir(parents=True)
-        writer = ShardWriter(tmp, max_shard_bytes)
+        writer = ShardWriter(tmp, plan(ckpt, names, groups, dtype), max_shard_bytes)
         bar = tqdm(
             total=sum(ckpt.nbytes(ns) for ns in groups.values()), unit="B", unit_scale=True,
             desc="to-hf", disable=not progress,
@@ -86,6 +87,18 @@ def to_hf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def plan(ckpt: MegatronCheckpoint, names: NameMap, groups: dict, dtype: torch.dtype) -> list:
+    """(HF name, shape, dtype) of every tensor, in writing order: the conversion run on the
+    meta-device tensors, which costs no memory."""
+    out = []
+    for group, group_names in groups.items():
+        for name in group_names:
+            for hf_name, part in names.to_hf(name, ckpt.entries[name].data).items():
+                out.append((hf_name, tuple(part.shape), part.dtype))
+        out += [(n, tuple(t.shape), t.dtype) for n, t in names.extras(group, dtype).items()]
     return out
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from megatron_mm1.config import ConfigError
 
@@ -26,50 +26,74 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-class ShardWriter:
-    """Collects tensors and writes a safetensors shard whenever the next tensor would push the
-    shard past `max_bytes` (a tensor larger than that gets a shard of its own). `finish` names
-    the shards model-0000i-of-0000N.safetensors and writes the index transformers reads."""
+# safetensors dtype names.
+DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []  # tensor names of each written shard
-        self.total_bytes = 0
+
+class ShardWriter:
+    """Writes safetensors shards tensor by tensor, holding none of them in memory.
+
+    `plan` lists every tensor (name, shape, dtype) in the order `add` will receive them, so
+    shard boundaries and each shard's header are known before its data: a shard's header is
+    written when the shard opens and each tensor's bytes are appended as it arrives. A shard
+    closes when the next tensor would push it past `max_bytes` (a larger tensor gets a shard of
+    its own). `finish` writes the index transformers reads.
+    """
+
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple, torch.dtype]], max_bytes: int):
+        self.folder = folder
+        self.shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if self.shards[-1] and size + nbytes > max_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        self.total_bytes = sum(t[3] for shard in self.shards for t in shard)
+        self.files = [
+            f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))
+        ]
+        self.expected = ((i, t) for i, shard in enumerate(self.shards) for t in shard)
+        self.current: int | None = None
+        self.handle = None
+
+    def _open(self, i: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[i]:
+            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.handle = open(self.folder / self.files[i], "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.current = i
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        # Own contiguous storage: safetensors refuses views that share memory (q/k/v splits).
-        self.pending[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        save_file(self.pending, self.folder / self._part(len(self.shards)), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    @staticmethod
-    def _part(i: int) -> str:
-        return f"part-{i:05d}.safetensors"
+        i, (want, shape, dtype, _) = next(self.expected)
+        if (want, shape, dtype) != (name, tuple(tensor.shape), tensor.dtype):
+            raise RuntimeError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} arrived out of plan (expected {want})")
+        if i != self.current:
+            self._open(i)
+        self.handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     def finish(self) -> list[str]:
-        """Write the last shard, name all shards and write the index; returns the file names."""
-        if self.pending:
-            self._flush()
-        n = len(self.shards)
-        weight_map, files = {}, []
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(self.folder / self._part(i), self.folder / final)
-            files.append(final)
-            weight_map.update({name: final for name in names})
+        """Close the last shard and write the index; returns the shard file names."""
+        if next(self.expected, None) is not None:
+            raise RuntimeError("conversion ended before every planned tensor was written")
+        if self.handle is not None:
+            self.handle.close()
+        weight_map = {t[0]: self.files[i] for i, shard in enumerate(self.shards) for t in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return files
+        return self.files
 
 
 class HFFolder:

@@ -74,11 +74,11 @@ def from_hf(
     cfg = import_config(hf, vision, config, overrides or [])
     # Which folder holds which part, under which prefix.
     if is_mm1:
-        sources = [(NameMap(cfg, MM1_VISION_PREFIX, MM1_LLM_PREFIX), hf)]
+        sources = [(NameMap(cfg, MM1_VISION_PREFIX, MM1_LLM_PREFIX, connector=True), hf)]
     else:
-        sources = [(NameMap(cfg, None, ""), hf)]
+        sources = [(NameMap(cfg, None, "", connector=False), hf)]
         if vision is not None:
-            sources.append((NameMap(cfg, CLIP_VISION_PREFIX, None), vision))
+            sources.append((NameMap(cfg, clip_prefix(vision), None, connector=False), vision))
     tied = not is_mm1 and hf.config.get("tie_word_embeddings", False)
 
     single = single_process(cfg)
@@ -106,6 +106,15 @@ def from_hf(
     if fresh and progress:
         print(f"freshly initialised (no source weights): {', '.join(sorted(fresh))}")
     return out
+
+
+def clip_prefix(vision: HFFolder) -> str:
+    """CLIPModel folders (and hub CLIPVisionModel checkpoints) keep the tower under
+    `vision_model.`; CLIPVisionModel.save_pretrained in transformers 5 writes it bare."""
+    for prefix in (CLIP_VISION_PREFIX, ""):
+        if prefix + "embeddings.class_embedding" in vision:
+            return prefix
+    raise ConfigError(f"--vision {vision.path}: no CLIP vision tower weights (embeddings.class_embedding)")
 
 
 def _read(name: str, param: torch.Tensor, names: NameMap, src: HFFolder, tied: bool) -> torch.Tensor:

@@ -94,9 +94,10 @@ def _cat(*parts: torch.Tensor) -> torch.Tensor:
 
 class NameMap:
     """Tensor names and conversions for one config. `vision_prefix`/`llm_prefix` say where the
-    vision tower and the LLM sit in the HF folder (None: that part is not in it)."""
+    vision tower and the LLM sit in the HF folder (None: that part is not in it); `connector`
+    whether the folder holds the connector (only MM1 folders do)."""
 
-    def __init__(self, cfg: Config, vision_prefix: str | None, llm_prefix: str | None):
+    def __init__(self, cfg: Config, vision_prefix: str | None, llm_prefix: str | None, connector: bool):
         self.cfg = cfg
         self.vision_prefix, self.llm_prefix = vision_prefix, llm_prefix
         v, llm = cfg.model.vision, cfg.model.llm
@@ -126,9 +127,10 @@ class NameMap:
                 Rule(layer + r"pre_mlp_layernorm\.(?P<p>weight|bias)", [VL + "layer_norm2.{p}"]),
                 Rule(layer + r"mlp\.linear_fc1\.(?P<p>weight|bias)", [VL + "mlp.fc1.{p}"]),
                 Rule(layer + r"mlp\.linear_fc2\.(?P<p>weight|bias)", [VL + "mlp.fc2.{p}"]),
-                # The connector is MM1's own: same module names on both sides.
-                Rule(r"connector\.(?P<rest>.+)", ["connector.{rest}"]),
             ]
+        if connector:
+            # The connector is MM1's own: same module names on both sides.
+            self.rules.append(Rule(r"connector\.(?P<rest>.+)", ["connector.{rest}"]))
         if llm_prefix is not None:
             L, LL = llm_prefix, llm_prefix + "model.layers.{i}."
             layer = r"llm\.decoder\.layers\.(?P<i>\d+)\."

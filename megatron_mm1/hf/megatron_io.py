@@ -1,19 +1,28 @@
 """The megatron side of conversion: read an MM1 checkpoint one group of tensors at a time.
 
 The model is built on the meta device (no memory) in one process at TP = PP = EP = 1; its
-megatron-core sharded state dict names every tensor with its key and global shape in the
-checkpoint. `dist_checkpointing.load` of a subset of it reads only that subset's bytes from the
-torch_dist shards, whatever layout they were saved at (TP/PP/EP, SwiGLU halves included). Peak
-memory is therefore about one layer, not the model.
+megatron-core sharded state dict says, for every parameter, which checkpoint key and which
+region of that key's global tensor it is (layers of a homogeneous block, and experts, are
+stacked along leading axes under one key; SwiGLU's fc1 is stored as [gate; up] halves).
+
+dist_checkpointing's torch_dist format is torch.distributed.checkpoint's: `.metadata` lists
+every key's chunks (offsets and sizes in the global tensor) and where each chunk's bytes lie
+(file, offset, length, a torch.save blob). `read` loads only the chunks that overlap the
+requested regions, whatever layout (TP/PP/EP) wrote them, so peak memory is about one tensor
+group (one decoder layer), not the model. megatron's own `dist_checkpointing.load` cannot do
+this: it reads a stacked key only whole (all layers at once).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import math
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from megatron_mm1.checkpoint import load_checkpoint_config, model_sharded_state_dict
 from megatron_mm1.config import Config, ConfigError, ParallelConfig
@@ -60,7 +69,8 @@ class MegatronCheckpoint:
     """An MM1 checkpoint folder (config.yaml + model/), read group by group."""
 
     def __init__(self, ckpt: str | Path):
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+        from torch.distributed.checkpoint import FileSystemReader
 
         from megatron_mm1.models.mm1 import MM1Model
 
@@ -79,28 +89,39 @@ class MegatronCheckpoint:
             name: sh for name, sh in sharded.items()
             if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and sh.data is not None
         }
+        metadata = FileSystemReader(str(self.model_dir)).read_metadata()
+        self.stored = metadata.state_dict_metadata  # key -> global size and chunks
+        self.storage = {  # (key, chunk offsets) -> file, offset, length
+            (index.fqn, tuple(index.offset)): info
+            for index, info in metadata.storage_data.items() if index.offset is not None
+        }
         self._check_shapes()
 
     def _check_shapes(self) -> None:
         """A checkpoint whose tensors do not have this config's shapes is another model."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-        from torch.distributed.checkpoint import FileSystemReader
+        for name in self.entries:
+            for sh in self._pieces(name):
+                have = self.stored.get(sh.key)
+                if have is None:
+                    raise ConfigError(
+                        f"{self.path}: the weights have no tensor {sh.key}, which its config.yaml "
+                        "implies; config.yaml and model/ belong to different models"
+                    )
+                if tuple(have.size) != tuple(sh.global_shape):
+                    raise ConfigError(
+                        f"{self.path}: tensor {sh.key} has shape {tuple(have.size)} but config.yaml "
+                        f"implies {tuple(sh.global_shape)}; config.yaml and model/ belong to different models"
+                    )
 
-        stored = FileSystemReader(str(self.model_dir)).read_metadata().state_dict_metadata
-        for name, sh in self.entries.items():
-            if not isinstance(sh, ShardedTensor):
-                continue  # SwiGLU factories store derived keys; their load checks them
-            have = stored.get(f"chunk0.{sh.key}") or stored.get(sh.key)
-            if have is None:
-                raise ConfigError(
-                    f"{self.path}: the weights have no tensor {sh.key}, which its config.yaml "
-                    "implies; config.yaml and model/ belong to different models"
-                )
-            if tuple(getattr(have, "size", ())) != tuple(sh.global_shape):
-                raise ConfigError(
-                    f"{self.path}: tensor {sh.key} has shape {tuple(have.size)} but config.yaml "
-                    f"implies {tuple(sh.global_shape)}; config.yaml and model/ belong to different models"
-                )
+    def _pieces(self, name: str) -> list:
+        """The ShardedTensors stored for parameter `name` (a factory stores several)."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        entry = self.entries[name]
+        if isinstance(entry, ShardedTensor):
+            return [entry]
+        built = entry.build()
+        return list(nested_values(built)) if isinstance(built, (dict, list)) else [built]
 
     def groups(self) -> "OrderedDict[str, list[str]]":
         """Tensor names by conversion group, in model order."""
@@ -113,20 +134,51 @@ class MegatronCheckpoint:
         return sum(self.entries[n].data.numel() * self.entries[n].data.element_size() for n in names)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The full (unsharded) tensors `names`, reading only their bytes."""
-        from megatron.core import dist_checkpointing
+        """The full (unsharded) tensors `names`, reading only the chunks that hold them."""
+        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
 
-        request = {}
+        out = {}
         for name in names:
             entry = self.entries[name]
-            entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype)  # replaces meta
-            request[name] = entry
+            if isinstance(entry, ShardedTensor):
+                out[name] = self._read_region(entry)
+            else:  # a factory: read what it stores, then let it merge (SwiGLU: cat of halves)
+                built = dict_list_map_inplace(self._read_region, entry.build())
+                out[name] = entry.merge_fn(built)
+        return out
+
+    def _read_region(self, sh) -> torch.Tensor:
+        """ShardedTensor `sh`'s region of its key's global tensor, assembled from chunks."""
+        sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        lo = tuple(sh.global_offset)
+        for chunk in self.stored[sh.key].chunks:
+            if (tuple(chunk.offsets), tuple(chunk.sizes)) == (lo, sizes):  # saved as one chunk:
+                return self._load_chunk(sh.key, lo).reshape(sh.local_shape)  # no assembly copy
+        out = torch.empty(sizes, dtype=sh.dtype)
+        filled = 0
+        for chunk in self.stored[sh.key].chunks:
+            c_lo, c_size = tuple(chunk.offsets), tuple(chunk.sizes)
+            a = [max(x, y) for x, y in zip(lo, c_lo)]
+            b = [min(x + n, y + m) for x, n, y, m in zip(lo, sizes, c_lo, c_size)]
+            if any(x >= y for x, y in zip(a, b)):
+                continue
+            data = self._load_chunk(sh.key, c_lo)
+            out[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))] = data[
+                tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c_lo))
+            ]
+            filled += math.prod(y - x for x, y in zip(a, b))
+        if filled != out.numel():
+            raise ConfigError(f"{self.model_dir}: the chunks of {sh.key} do not cover the region of {sh}")
+        return out.reshape(sh.local_shape)
+
+    def _load_chunk(self, key: str, offsets: tuple) -> torch.Tensor:
+        info = self.storage[(key, offsets)]
+        if info.transform_descriptors:
+            raise ConfigError(f"{self.model_dir}: {key} is stored with transforms {info.transform_descriptors}, which this reader does not support")
+        with open(self.model_dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
         try:
-            loaded = dist_checkpointing.load({"chunk0": request}, str(self.model_dir))["chunk0"]
-        except Exception as e:  # megatron raises many types for unreadable or foreign data
-            raise ConfigError(f"cannot read {names[0]} ... from {self.model_dir}: {e}") from None
-        finally:
-            for name in names:  # drop our reference; the caller owns the loaded tensors
-                entry = self.entries[name]
-                entry.data = torch.empty(entry.data.shape, dtype=entry.data.dtype, device="meta")
-        return {name: loaded[name] for name in names}
+            return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise ConfigError(f"{self.model_dir}/{info.relative_path}: chunk of {key} is unreadable ({e})") from None

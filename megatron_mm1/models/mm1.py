@@ -26,6 +26,15 @@ from megatron_mm1.models.specs import llm_block_spec
 from megatron_mm1.models.vision import VisionEncoder
 
 
+def _recompute(mode: str) -> dict:
+    """Activation recomputation: selective re-runs the attention core, full whole layers."""
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
+
+
 def _common_config(cfg: Config) -> dict:
     p, t = cfg.parallel, cfg.training
     dtype = torch.bfloat16 if t.bf16 else torch.float32
@@ -69,6 +78,7 @@ def llm_transformer_config(cfg: Config) -> TransformerConfig:
     return TransformerConfig(
         **_common_config(cfg),
         **extra,
+        **_recompute(cfg.training.recompute_llm),
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -93,6 +103,7 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
     v = cfg.model.vision
     return TransformerConfig(
         **_common_config(cfg),
+        **_recompute(cfg.training.recompute_vision),
         # The encoder is not pipelined and its sequence (patches + CLS) is not split.
         pipeline_model_parallel_size=1,
         sequence_parallel=False,

@@ -1,0 +1,289 @@
+"""Hugging Face conversion: checkpoints saved at TP2xPP2 (dense) and TP2xPP2xEP2 (MoE) by real
+gloo processes, converted in this process, compared with transformers.
+
+This file is also the torchrun worker that saves those checkpoints (`save` mode, at the end).
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, torchrun
+
+# Saved by 4 gloo processes at these layouts (the MoE presets' path: Llama and Qwen2-MoE).
+LAYOUTS = {
+    "dense": ("tiny", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
+    "moe": ("tiny-moe", [
+        "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+        "parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1",
+        "parallel.sequence_parallel=true",
+    ]),
+}
+# Saved in this process: QK-norm (Qwen3, Qwen3-MoE) and a ViT feature layer before the last.
+VARIANTS = {
+    "dense-qk": ("tiny", ["model.llm.qk_layernorm=true", "model.vision.feature_layer=-2"]),
+    "moe-qk": ("tiny-moe", ["model.llm.qk_layernorm=true", "model.vision.feature_layer=-2"]),
+}
+KINDS = [*LAYOUTS, *VARIANTS]
+MAX_ABS_DIFF = 1e-4
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from megatron_mm1.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("convert")
+    words = ["red", "circle", "blue", "square", "a", "the", "on", "under", "green", "photo", "of"]
+    text = root / "text.txt"
+    text.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)))
+    tokenizer = train_tokenizer([text], root / "sp", vocab_size=300)
+    for kind, (config, overrides) in LAYOUTS.items():
+        torchrun(4, str(Path(__file__)), "save", config, str(root / kind), *overrides)
+    for kind, (config, overrides) in VARIANTS.items():
+        save_in_this_process(config, root / kind, overrides)
+    return {"root": root, "tokenizer": tokenizer}
+
+
+def export(work, kind: str, **kwargs) -> Path:
+    """to-hf once per (kind, options) for the module."""
+    from megatron_mm1.hf.export import to_hf
+
+    out = work["root"] / f"hf_{kind}_{'_'.join(f'{k}{v}' for k, v in sorted(kwargs.items()))}"
+    if not out.exists():
+        to_hf(work["root"] / kind, out, tokenizer=work["tokenizer"], progress=False, **kwargs)
+    return out
+
+
+def reference_model(ckpt: Path):
+    """The checkpoint through megatron_mm1's own loader (not the converter's reader), fp32."""
+    import dataclasses
+
+    from megatron_mm1.checkpoint import load_checkpoint_config, load_model
+    from megatron_mm1.hf.megatron_io import single_process
+    from megatron_mm1.models.mm1 import MM1Model
+
+    cfg = load_checkpoint_config(ckpt)
+    cfg = single_process(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False)))
+    model = MM1Model(cfg).eval()
+    load_model([model], ckpt / "model")
+    return cfg, model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exported_logits_equal_megatron(work, kind):
+    from transformers import AutoModelForImageTextToText
+
+    from megatron_mm1.hf.verify import compare, hf_logits, megatron_logits, prompts
+
+    # A small shard size: several shards and the index must load as one model.
+    out = export(work, kind, max_shard_bytes=300_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    cfg, reference = reference_model(work["root"] / kind)
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    # The LLM and the vision tower are transformers' own classes, not remote code.
+    expected = {
+        "dense": "LlamaForCausalLM", "moe": "Qwen2MoeForCausalLM",
+        "dense-qk": "Qwen3ForCausalLM", "moe-qk": "Qwen3MoeForCausalLM",
+    }[kind]
+    assert type(model.language_model).__name__ == expected
+    assert type(model.language_model).__module__.startswith("transformers.models.")
+    assert type(model.vision_tower).__module__.startswith("transformers.models.clip.")
+    # Only the ViT layers up to the feature layer are exported.
+    assert model.config.vision_config.num_hidden_layers == cfg.model.vision.num_layers_used
+    batch = prompts(cfg, text_only=False, seed=11)
+    assert [len(p["images"]) for p in batch] == [0, 1, 3]
+    for p in batch:
+        metrics = compare(megatron_logits(reference, p["tokens"], p["images"]),
+                          hf_logits(model, p["tokens"], p["images"], text_only=False))
+        assert metrics["max_abs_diff"] < MAX_ABS_DIFF, metrics
+        assert metrics["top1_agreement"] == 1.0, metrics
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_text_only_export_is_native(work, kind):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mm1.hf.verify import compare, megatron_logits, prompts
+
+    out = export(work, kind, text_only=True)
+    assert not list(out.glob("*.py")) and "auto_map" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    cfg, reference = reference_model(work["root"] / kind)
+    (p,) = prompts(cfg, text_only=True, seed=5)
+    with torch.no_grad():
+        metrics = compare(megatron_logits(reference, p["tokens"], p["images"]), model(input_ids=p["tokens"]).logits)
+    assert metrics["max_abs_diff"] < MAX_ABS_DIFF and metrics["top1_agreement"] == 1.0, metrics
+
+
+def all_tensors(ckpt: Path) -> dict:
+    from megatron_mm1.hf.megatron_io import MegatronCheckpoint
+
+    reader = MegatronCheckpoint(ckpt)
+    return {n: t for names in reader.groups().values() for n, t in reader.read(names).items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_is_bit_identical(work, kind):
+    from megatron_mm1.checkpoint import load_checkpoint_config
+    from megatron_mm1.hf.importer import from_hf
+
+    back = from_hf(export(work, kind), work["root"] / f"back_{kind}", progress=False)
+    assert load_checkpoint_config(back) == load_checkpoint_config(work["root"] / kind)
+    original, restored = all_tensors(work["root"] / kind), all_tensors(back)
+    assert original.keys() == restored.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, restored[name]), name
+
+
+def test_native_llm_and_clip_import(work):
+    from transformers import AutoModelForImageTextToText
+
+    from megatron_mm1.hf.importer import from_hf
+
+    mm1 = AutoModelForImageTextToText.from_pretrained(export(work, "moe"), trust_remote_code=True)
+    clip = work["root"] / "clip"
+    mm1.vision_tower.save_pretrained(clip)
+    out = from_hf(export(work, "moe", text_only=True), work["root"] / "from_native", vision_dir=clip,
+                  config="tiny", progress=False)
+    original, imported = all_tensors(work["root"] / "moe"), all_tensors(out)
+    for name, tensor in original.items():
+        same = torch.equal(tensor, imported[name])
+        # The LLM and the encoder come from the folders; the connector is fresh.
+        assert same != name.startswith("connector."), name
+
+
+def test_generate_from_an_image_prompt(work):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from megatron_mm1.hf.verify import megatron_logits
+
+    out = export(work, "dense")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    processor = AutoImageProcessor.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    n = model.config.num_image_tokens
+    assert tokenizer.convert_tokens_to_ids("<image>") == 4
+    from megatron_mm1.data.tokenizer import Tokenizer
+
+    text = "a photo of the red circle under the blue square"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == Tokenizer(work["tokenizer"]).encode(text)
+    ids = tokenizer("<image>" * n + "a photo of", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert int((ids == 4).sum()) == n
+    pixels = processor(Image.new("RGB", (80, 60), (200, 30, 30)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (56, 56)
+    generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 4)
+    # Greedy decoding with the KV cache continues as the megatron model does on the full text.
+    _, reference = reference_model(work["root"] / "dense")
+    logits = megatron_logits(reference, generated[:, :-1], pixels)
+    assert torch.equal(logits[0, ids.shape[1] - 1 :].argmax(-1), generated[0, ids.shape[1] :])
+
+
+def test_cli_verify(work, capsys):
+    from megatron_mm1.cli import main
+
+    out = work["root"] / "cli_verify"
+    assert main(["convert", "to-hf", "--checkpoint", str(work["root"] / "moe"), "--out", str(out),
+                 "--verify", "--quiet"]) == 0
+    assert '"top1_agreement": 1.0' in capsys.readouterr().out
+
+
+def assert_refused(argv, message, out: Path, capsys) -> None:
+    from megatron_mm1.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(out.parent.glob(f"{out.name}.tmp-*"))
+
+
+def test_bad_inputs_are_refused_cleanly(work, capsys):
+    root = work["root"]
+    out = root / "refused"
+    to_hf = ["convert", "to-hf", "--quiet", "--out", str(out), "--checkpoint"]
+
+    broken = root / "broken"
+    shutil.copytree(root / "dense", broken)
+    shard = sorted((broken / "model").glob("*.distcp"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    assert_refused(to_hf + [str(broken)], "is truncated", out, capsys)
+    shard.unlink()
+    assert_refused(to_hf + [str(broken)], "is missing", out, capsys)
+
+    mixed = root / "mixed"  # the dense model's config with the MoE model's weights
+    mixed.mkdir()
+    shutil.copy(root / "dense" / "config.yaml", mixed)
+    shutil.copytree(root / "moe" / "model", mixed / "model")
+    assert_refused(to_hf + [str(mixed)], "belong to different models", out, capsys)
+
+    assert_refused(to_hf + [str(root / "nothing")], "is not an MM1 checkpoint", out, capsys)
+
+    hf = root / "hf_truncated"
+    shutil.copytree(export(work, "dense"), hf)
+    shard = next(hf.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(["convert", "from-hf", "--quiet", "--hf", str(hf), "--out", str(out)],
+                   "is not a complete safetensors file", out, capsys)
+
+    foreign = root / "gpt2"  # a Hugging Face model MM1 cannot represent
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "gpt2"}')
+    from safetensors.torch import save_file
+
+    save_file({"wte.weight": torch.zeros(2, 2)}, foreign / "model.safetensors")
+    assert_refused(["convert", "from-hf", "--quiet", "--hf", str(foreign), "--out", str(out)],
+                   "unsupported language model type 'gpt2'", out, capsys)
+
+    existing = root / "existing"
+    existing.mkdir()
+    from megatron_mm1.cli import main
+
+    assert main(to_hf[:-3] + ["--out", str(existing), "--checkpoint", str(root / "dense")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not list(existing.iterdir())
+
+
+def perturb_and_save(cfg, model: list, out: Path) -> None:
+    """Perturb every weight (so that norms and biases are not their trivial init and any
+    mix-up shows), then save the checkpoint (collective)."""
+    from megatron_mm1.checkpoint import save_config, save_model
+
+    gen = torch.Generator().manual_seed(1 + torch.distributed.get_rank())
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    save_model(model, out / "model")
+    if torch.distributed.get_rank() == 0:
+        save_config(cfg, out / "config.yaml")
+
+
+def save_in_this_process(config: str, out: Path, overrides: list[str]) -> None:
+    from megatron_mm1.config import load_config
+    from megatron_mm1.hf.megatron_io import single_process
+    from megatron_mm1.models.mm1 import MM1Model
+
+    cfg = load_config(config, overrides)
+    perturb_and_save(cfg, [MM1Model(single_process(cfg))], out)
+
+
+def save_checkpoint(config: str, out: str, overrides: list[str]) -> None:
+    """torchrun worker: build the model at the config's layout and save it."""
+    from megatron_mm1.config import load_config
+    from megatron_mm1.models.mm1 import build_model
+    from megatron_mm1.runtime import init_runtime, shutdown
+
+    cfg = load_config(config, overrides)
+    init_runtime(cfg)
+    perturb_and_save(cfg, build_model(cfg), Path(out))
+    shutdown()
+
+
+if __name__ == "__main__" and sys.argv[1] == "save":
+    sys.path.insert(0, str(ROOT))
+    save_checkpoint(sys.argv[2], sys.argv[3], sys.argv[4:])

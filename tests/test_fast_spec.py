@@ -1,0 +1,90 @@
+"""The `fast` layer spec (SDPA core attention) equals the `local` one: same weights give the same
+logits, loss and gradients, dense and MoE, with packed block-diagonal masks and images, in one
+process and at TP2 with sequence parallelism (this file is also the torchrun worker).
+
+  torchrun --nproc-per-node 2 tests/test_fast_spec.py
+"""
+
+import sys
+
+import pytest
+import torch
+
+from megatron_mm1.config import load_config
+from megatron_mm1.data.packing import attention_mask_from_segments
+from megatron_mm1.models.mm1 import MM1Model
+from megatron_mm1.runtime import init_runtime
+from megatron_mm1.synthetic import synthetic_microbatch
+
+TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+
+
+def step(model, batch):
+    """Logits, masked-mean loss and every gradient of one forward/backward."""
+    mask = attention_mask_from_segments(batch["segment_ids"])
+    model.zero_grad()
+    out = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+    loss = (out.lm_loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    loss.backward()
+    with torch.no_grad():
+        logits = model(batch["tokens"], mask, images=batch["images"])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits, loss.detach(), grads
+
+
+def compare(config: str, overrides: list[str]) -> None:
+    cfg = load_config(config, overrides)
+    batch = synthetic_microbatch(cfg, seed=11, images_per_row=[2, 1])
+    assert batch["segment_ids"].unique().numel() == 3  # two packed samples and padding per row
+    torch.manual_seed(0)
+    local = MM1Model(cfg)
+    cfg.model.layer_spec = "fast"
+    fast = MM1Model(cfg)
+    fast.load_state_dict(local.state_dict())
+    attention = {type(m).__name__ for m in fast.modules()}
+    assert "SDPAttention" in attention and "DotProductAttention" not in attention
+    ref, got = step(local, batch), step(fast, batch)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    assert got[2].keys() == ref[2].keys() and len(ref[2]) == len(list(local.parameters()))
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    """One process's runtime for these tests, torn down after them unless another test's."""
+    from megatron.core import parallel_state
+
+    from megatron_mm1.runtime import shutdown
+
+    if parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    init_runtime(load_config("tiny"))
+    yield
+    shutdown()
+
+
+def test_fast_equals_local_one_process():
+    compare("tiny", [])
+    compare("tiny-moe", [])
+
+
+def test_fast_equals_local_at_tp2():
+    from conftest import torchrun
+
+    proc = torchrun(2, "tests/test_fast_spec.py", timeout=300)
+    assert proc.stdout.count("FAST_SPEC_OK") == 2, proc.stdout
+
+
+if __name__ == "__main__":
+    from megatron_mm1.runtime import quiet_third_party_warnings, shutdown
+
+    quiet_third_party_warnings()
+    init_runtime(load_config("tiny", TP2))
+    compare("tiny", TP2)
+    compare("tiny-moe", TP2)
+    print("FAST_SPEC_OK", torch.distributed.get_rank())
+    shutdown()
+    sys.exit(0)

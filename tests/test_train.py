@@ -1,0 +1,193 @@
+"""`mm1 train` end to end on the demo corpus with real processes: exact resume, resume at
+another layout, SIGTERM, kill -9 during a save, NaN/Inf safety, metrics and tensorboard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run
+
+from megatron_mm1.checkpoint import complete_checkpoints, latest_checkpoint
+
+TP2PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+          "parallel.sequence_parallel=true"]
+EP2 = ["parallel.expert_model_parallel_size=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-data")
+    run([sys.executable, "-m", "megatron_mm1.cli", "data", "demo", "--out", str(out)])
+    return out
+
+
+def train_cmd(data, out, steps, nproc, sets=(), config="tiny", resume=None):
+    cmd = [sys.executable, "-m", "megatron_mm1.cli", "train", "--config", config, "--data", str(data),
+           "--out", str(out), "--steps", str(steps), "--nproc", str(nproc)]
+    if resume:
+        cmd += ["--resume", resume]
+    for item in ["training.warmup_steps=2", *sets]:
+        cmd += ["--set", item]
+    return cmd
+
+
+def train(data, out, steps, nproc, sets=(), config="tiny", resume=None, expect=0):
+    proc = run(train_cmd(data, out, steps, nproc, sets, config, resume), check=False)
+    if proc.returncode != expect:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        pytest.fail(f"mm1 train exited {proc.returncode}, expected {expect}:\n{tail}")
+    return proc
+
+
+def rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in rows(out)}
+
+
+@pytest.mark.parametrize(
+    "config, nproc, layout",
+    [("tiny", 4, TP2PP2), ("tiny-moe", 2, EP2)],
+    ids=["dense-tp2pp2", "moe-ep2"],
+)
+def test_exact_resume(data, tmp_path, config, nproc, layout):
+    steps = 4
+    train(data, tmp_path / "whole", steps, nproc, layout, config)
+    train(data, tmp_path / "split", steps, nproc, [*layout, "training.exit_after_steps=2"], config, expect=75)
+    assert [r["step"] for r in rows(tmp_path / "split")] == [1, 2]
+    train(data, tmp_path / "split", steps, nproc, layout, config, resume="auto")
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert list(split) == [1, 2, 3, 4]
+    assert split == whole  # bit-identical, not merely close
+    assert whole[4] < whole[1]
+
+
+def test_resume_at_another_layout(data, tmp_path):
+    # A non-distributed optimizer's state reshards like the weights: the whole run continues.
+    sets = ["training.distributed_optimizer=false", "checkpoint.save_interval=2"]
+    train(data, tmp_path / "a", 4, 4, [*TP2PP2, *sets])
+    ckpt2 = tmp_path / "a" / "checkpoints" / "step_0000002"
+    assert ckpt2.is_dir()
+    train(data, tmp_path / "b", 4, 1, sets, resume=str(ckpt2))  # TP1 x PP1
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=0), (step, a, b)
+    # ... and back: TP1 x PP1 -> TP2 x PP2.
+    ckpt3 = tmp_path / "b" / "checkpoints" / "step_0000004"
+    train(data, tmp_path / "c", 5, 4, [*TP2PP2, *sets], resume=str(ckpt3))
+    train(data, tmp_path / "b", 5, 1, sets, resume="auto")
+    assert losses(tmp_path / "c")[5] == pytest.approx(losses(tmp_path / "b")[5], rel=1e-5, abs=0)
+
+    # The distributed optimizer's state does not reshard over TP/PP: a clear refusal.
+    train(data, tmp_path / "d", 2, 4, TP2PP2)
+    proc = train(data, tmp_path / "e", 3, 1, resume=str(tmp_path / "d" / "checkpoints" / "step_0000002"), expect=2)
+    assert "checkpoint.load_optimizer=false" in proc.stderr
+    train(data, tmp_path / "e", 3, 1, ["checkpoint.load_optimizer=false"],
+          resume=str(tmp_path / "d" / "checkpoints" / "step_0000002"))
+    assert list(losses(tmp_path / "e")) == [3]
+
+
+def _wait_for(predicate, timeout=180.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid)
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_sigterm_saves_and_exits_for_requeue(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2"]))
+    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(rows(out)) >= 2)
+    # What Slurm does before a time limit: signal the training processes, the children of
+    # the torch.distributed launcher that `mm1 train --nproc` started.
+    (launcher,) = _children(proc.pid)
+    pids = _children(launcher)
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, output[-3000:]
+    record = json.loads((out / "exit.json").read_text())
+    assert record["code"] == 75 and "signal received" in record["message"]
+    path = latest_checkpoint(out / "checkpoints")
+    assert path is not None and path.name == f"step_{record['step']:07d}"
+    # The checkpoint loads and training continues from it.
+    train(data, out, record["step"] + 1, 2, ["parallel.tensor_model_parallel_size=2"], resume="auto")
+    assert rows(out)[-1]["step"] == record["step"] + 1
+
+
+def test_kill_during_save_never_leaves_a_half_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2", "checkpoint.save_interval=1"]))
+    root = out / "checkpoints"
+    # Wait until a save is in flight after at least one completed, then kill everything.
+    assert _wait_for(lambda: len(complete_checkpoints(root)) >= 1 and any(p.name.startswith(".tmp-") for p in root.iterdir()))
+    # kill -9 the whole tree: the launcher starts its workers in sessions of their own.
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the interrupted save
+    for path in complete_checkpoints(root):
+        assert (path / "train_state.json").is_file() and (path / "model" / "metadata.json").is_file()
+        assert (path / "optimizer" / "metadata.json").is_file() and (path / "config.yaml").is_file()
+    resumed_from = latest_checkpoint(root)
+    step = json.loads((resumed_from / "train_state.json").read_text())["step"]
+    proc = train(data, out, step + 1, 2, ["parallel.tensor_model_parallel_size=2"], resume="auto")
+    assert f"resumed from {resumed_from}" in proc.stdout
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(data, tmp_path):
+    out = tmp_path / "run"
+    proc = train(data, out, 20, 1, ["training.lr=1e5", "training.max_nonfinite_steps=2"], expect=3)
+    record = json.loads((out / "exit.json").read_text())
+    assert record["code"] == 3 and "NaN/Inf" in record["message"] and "NaN/Inf" in proc.stdout
+    history = rows(out)
+    assert history[-1]["skipped_steps"] == 2
+    assert history[-1]["step"] == record["step"] < 20
+    # The saved state is the last good one: resuming it gives a finite loss.
+    path = latest_checkpoint(out / "checkpoints")
+    assert json.loads((path / "train_state.json").read_text())["counters"]["skipped_steps"] == 2
+
+
+def test_metrics_and_tensorboard(data, tmp_path):
+    out = tmp_path / "run"
+    train(data, out, 3, 2, ["parallel.pipeline_model_parallel_size=2", "model.logits_z_loss_coeff=1e-4"],
+          config="tiny-moe")
+    row = rows(out)[-1]
+    for key in ("step", "loss", "lm_loss", "logits_z_loss", "lr", "grad_norm", "tokens_per_s",
+                "moe_load_balancing_loss", "moe_z_loss", "skipped_steps"):
+        assert key in row, key
+    assert row["loss"] == pytest.approx(row["lm_loss"] + row["logits_z_loss"])
+    assert row["moe_load_balancing_loss"] > 0.5  # ~1 for balanced routing, before its coefficient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/moe_load_balancing_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
