@@ -171,6 +171,7 @@ class TrainingConfig:
     recompute_llm: str = "none"  # none | selective (attention core) | full (whole layers)
     recompute_vision: str = "none"
     log_interval: int = 1
+    peak_tflops: Optional[float] = None  # per GPU, for MFU; None: the GPU type's bf16 dense peak
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (skipped) before the run stops
     # Save and stop (exit 75, to be resumed) after this many steps in this process; for
     # allocations shorter than the run.

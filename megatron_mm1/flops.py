@@ -143,4 +143,4 @@ def batch_tokens(batch: dict) -> int:
 def batch_flops(cfg: Config, batch: dict) -> float:
     """Training FLOPs of one micro-batch in the batch contract (causal, padding excluded)."""
     lengths = segment_lengths(batch["segment_ids"])
-    return train_flops(cfg, lengths, int(batch["images"].shape[0]))["total"]
+    return train_flops(cfg, lengths, int(batch["num_images"].sum()))["total"]

@@ -85,6 +85,9 @@ class Trainer:
         self.step = 0
         self.counters = {"skipped_steps": 0, "consecutive_nonfinite": 0, "tokens": 0, "images": 0}
         self.is_logger = self.env.rank == 0
+        from megatron_mm1.benchmark import device_peak
+
+        self.peak_tflops = device_peak(t.peak_tflops)[1]  # None on a CPU unless configured
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -224,7 +227,8 @@ class Trainer:
 
     def _record(self, metrics: dict, batches: list[dict], seconds: float) -> dict:
         """Update counters and build the step's metrics row (the same on every rank)."""
-        tokens, images = _count(batches, self.dp)
+        tokens, images, flops = _count(self.cfg, batches)
+        tflops_per_gpu = flops / self.env.world_size / seconds / 1e12
         if metrics.pop("skipped"):
             self.counters["skipped_steps"] += 1
             self.counters["consecutive_nonfinite"] += 1
@@ -238,6 +242,8 @@ class Trainer:
             "tokens": tokens,
             "images": images,
             "tokens_per_s": tokens / seconds,
+            "tflops_per_gpu": tflops_per_gpu,
+            "mfu": tflops_per_gpu / self.peak_tflops if self.peak_tflops else None,
             "step_time_s": seconds,
             "skipped_steps": self.counters["skipped_steps"],
         }
@@ -247,11 +253,22 @@ class Trainer:
             print(text, flush=True)
 
 
-def _count(batches: list[dict], dp: int) -> tuple[int, int]:
-    """Global tokens (padding excluded) and images of the step, from this replica x DP."""
-    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
-    images = sum(int(b["num_images"].sum()) for b in batches)
-    return tokens * dp, images * dp  # every DP rank reads the same amount: fixed-size packs
+def _count(cfg: Config, batches: list[dict]) -> tuple[int, int, float]:
+    """The step's tokens (padding excluded), images and training FLOPs over all DP ranks."""
+    from megatron.core import parallel_state
+
+    from megatron_mm1.flops import batch_flops, batch_tokens
+
+    local = torch.tensor(
+        [
+            sum(batch_tokens(b) for b in batches),
+            sum(int(b["num_images"].sum()) for b in batches),
+            sum(batch_flops(cfg, b) for b in batches),
+        ],
+        dtype=torch.float64,
+    )
+    torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
+    return int(local[0]), int(local[1]), float(local[2])
 
 
 class MetricsLogger:
@@ -270,7 +287,7 @@ class MetricsLogger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"train/{key}", value, row["step"])
 
     def close(self) -> None:

@@ -44,7 +44,11 @@ def work(tmp_path_factory):
         torchrun(4, str(Path(__file__)), "save", config, str(root / kind), *overrides)
     for kind, (config, overrides) in VARIANTS.items():
         save_in_this_process(config, root / kind, overrides)
-    return {"root": root, "tokenizer": tokenizer}
+    yield {"root": root, "tokenizer": tokenizer}
+    # Conversions start megatron-core in this process; later test modules start their own.
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
 
 
 def export(work, kind: str, **kwargs) -> Path:

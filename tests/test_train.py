@@ -177,13 +177,16 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data, tmp_path):
 
 def test_metrics_and_tensorboard(data, tmp_path):
     out = tmp_path / "run"
-    train(data, out, 3, 2, ["parallel.pipeline_model_parallel_size=2", "model.logits_z_loss_coeff=1e-4"],
-          config="tiny-moe")
+    train(data, out, 3, 2, ["parallel.pipeline_model_parallel_size=2", "model.logits_z_loss_coeff=1e-4",
+                            "training.peak_tflops=0.01"], config="tiny-moe")
     row = rows(out)[-1]
     for key in ("step", "loss", "lm_loss", "logits_z_loss", "lr", "grad_norm", "tokens_per_s",
-                "moe_load_balancing_loss", "moe_z_loss", "skipped_steps"):
+                "tflops_per_gpu", "mfu", "moe_load_balancing_loss", "moe_z_loss", "skipped_steps"):
         assert key in row, key
     assert row["loss"] == pytest.approx(row["lm_loss"] + row["logits_z_loss"])
+    assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(row["tokens"])
+    assert 0 < row["tokens"] <= 8 * 128  # global batch 8 x 128 positions, padding excluded
+    assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / 0.01)
     assert row["moe_load_balancing_loss"] > 0.5  # ~1 for balanced routing, before its coefficient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -52,6 +52,7 @@ def to_hf(
     tmp = staging_dir(out)
     ckpt = MegatronCheckpoint(checkpoint)
     cfg = ckpt.saved_cfg
+    text_config(cfg)  # refuses, before any work, a model no transformers class reproduces
     names = NameMap(
         cfg,
         vision_prefix=None if text_only else MM1_VISION_PREFIX,

@@ -42,8 +42,9 @@ def single_process(cfg: Config) -> Config:
     return cfg
 
 
-def check_shards(model_dir: Path) -> None:
-    """Refuse a dist checkpoint folder with missing or truncated shard files, before reading."""
+def check_shards(model_dir: Path):
+    """The folder's torch.distributed.checkpoint Metadata; refuses a dist checkpoint folder with
+    missing or truncated shard files, before anything is read."""
     from torch.distributed.checkpoint import FileSystemReader
 
     if not (model_dir / ".metadata").is_file():
@@ -63,6 +64,7 @@ def check_shards(model_dir: Path) -> None:
             raise ConfigError(
                 f"checkpoint shard {path} is truncated ({path.stat().st_size} of at least {size} bytes)"
             )
+    return metadata
 
 
 class MegatronCheckpoint:
@@ -70,7 +72,6 @@ class MegatronCheckpoint:
 
     def __init__(self, ckpt: str | Path):
         from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-        from torch.distributed.checkpoint import FileSystemReader
 
         from megatron_mm1.models.mm1 import MM1Model
 
@@ -79,7 +80,7 @@ class MegatronCheckpoint:
         self.saved_cfg = load_checkpoint_config(self.path)
         if not self.model_dir.is_dir():
             raise ConfigError(f"{self.path} has no model/ folder (the weights)")
-        check_shards(self.model_dir)
+        metadata = check_shards(self.model_dir)
         self.cfg = single_process(self.saved_cfg)
         with torch.device("meta"):
             meta = MM1Model(self.cfg)
@@ -89,7 +90,6 @@ class MegatronCheckpoint:
             name: sh for name, sh in sharded.items()
             if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and sh.data is not None
         }
-        metadata = FileSystemReader(str(self.model_dir)).read_metadata()
         self.stored = metadata.state_dict_metadata  # key -> global size and chunks
         self.storage = {  # (key, chunk offsets) -> file, offset, length
             (index.fqn, tuple(index.offset)): info
