@@ -141,10 +141,12 @@ class DataConfig:
     interleaved: dict[str, float] = field(default_factory=dict)
     caption: dict[str, float] = field(default_factory=dict)
     text: dict[str, float] = field(default_factory=dict)
+    chat: dict[str, float] = field(default_factory=dict)  # supervised fine-tuning conversations
     # MM1's mixture across kinds (renormalised over the kinds that have data).
     interleaved_weight: float = 45.0
     caption_weight: float = 45.0
     text_weight: float = 10.0
+    chat_weight: float = 100.0  # relative too: a chat-only fine-tuning set needs no setting
     seed: Optional[int] = None  # data order seed; None: training.seed
     num_workers: int = 2  # image-decoding worker processes per loader (0: in the calling process)
 
@@ -183,6 +185,9 @@ class CheckpointConfig:
     save_interval: int = 1000  # steps; a checkpoint is also saved at the end and on SIGTERM/SIGUSR1
     keep_last: int = 3  # newest complete checkpoints kept
     load_optimizer: bool = True  # false: resume weights (and data, schedule) with a fresh optimizer
+    # Fine-tuning: start from this checkpoint's weights (any layout), with a fresh optimizer,
+    # schedule and data order. Ignored when --resume finds a checkpoint of this run.
+    finetune_from: Optional[str] = None
 
 
 @dataclass

@@ -163,11 +163,16 @@ class Trainer:
             ckpt.remove_incomplete(self.root)
             (self.out / EXIT_RECORD).unlink(missing_ok=True)
         torch.distributed.barrier()
+        path = None
         if resume:
             path = ckpt.latest_checkpoint(self.root) if resume == "auto" else Path(resume)
             if path is not None:
                 self.resume(path)
                 self._log_line(f"resumed from {path} at step {self.step}")
+        if path is None and self.cfg.checkpoint.finetune_from:
+            source = Path(self.cfg.checkpoint.finetune_from)
+            self.engine.load(source, load_optimizer=False)
+            self._log_line(f"fine-tuning from the weights of {source}")
         stop = StopSignal()
         first_step = self.step
         logger = MetricsLogger(self.out, self.cfg) if self.is_logger else None

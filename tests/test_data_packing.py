@@ -28,7 +28,8 @@ def doc(layout: str, start_id: int = 10) -> Encoded:
         else:
             ids += list(range(nxt, nxt + int(part[1:])))
             nxt += int(part[1:])
-    return Encoded(np.asarray(ids + [2], dtype=np.int64), pos, images)
+    tokens = np.asarray(ids + [2], dtype=np.int64)
+    return Encoded(tokens, pos, images, tokens != IMG)
 
 
 def packer_over(samples: list[Encoded], seq_length=128, max_images=16) -> Packer:

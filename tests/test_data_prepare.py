@@ -139,3 +139,42 @@ def test_damaged_shards_are_detected(messy):
         load_manifest(messy / "out")
     with pytest.raises(DataError, match="not a prepared data folder"):
         load_manifest(messy)
+
+
+def test_chat_samples_carry_the_loss_on_answers_only(tmp_path):
+    """Supervised fine-tuning: a chat's loss mask covers the assistants' answers (and the eos
+    after the last one), never the prompts, role markers or images."""
+    import torch
+
+    from megatron_mm1.config import load_config
+    from megatron_mm1.data.demo import make_demo
+    from megatron_mm1.data.loader import build_loader
+    from megatron_mm1.data.prepare import prepare
+
+    demo = tmp_path / "demo"
+    make_demo(demo)  # for its tokenizer and an image
+    image = sorted((demo / "raw" / "images").iterdir())[0].name
+    chats = [
+        {"type": "chat", "messages": [
+            {"role": "user", "content": [{"image": image}, {"text": "what shape is this"}]},
+            {"role": "assistant", "content": "a red circle"},
+            {"role": "user", "content": "how many"},
+            {"role": "assistant", "content": "one"}]},
+        {"type": "chat", "messages": [{"role": "user", "content": "hello"}]},  # nothing to learn
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    result = prepare(src, demo / "raw" / "images", tmp_path / "sft", progress=False)
+    assert (result.written, result.skipped, result.skipped_by_reason) == (1, 1, {"empty_text": 1})
+
+    cfg = load_config("tiny", [f"data.path={tmp_path / 'sft'}", f"data.tokenizer={demo / 'tokenizer.model'}"])
+    batch = next(iter(build_loader(cfg, num_workers=0)))
+    from megatron_mm1.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg)
+    row, mask, labels = batch["tokens"][0], batch["loss_mask"][0].bool(), batch["labels"][0]
+    first = batch["segment_ids"][0] == 1
+    learned = tok.decode(labels[mask & first].tolist())
+    assert learned.replace(" ", "") == "aredcircleone"  # answers only (plus the eos)
+    assert int(labels[mask & first][-1]) == 2  # eos after the final answer
+    assert int(batch["num_images"][0]) >= 1 and not mask[row == cfg.model.image_token_id].any()

@@ -4,6 +4,8 @@ Input JSONL, one record per line (image paths relative to an images folder):
     {"type": "caption", "image": PATH, "text": STR}
     {"type": "interleaved", "segments": [{"text": STR} | {"image": PATH}, ...]}
     {"type": "text", "text": STR}
+    {"type": "chat", "messages": [{"role": "system"|"user"|"assistant",
+                                   "content": STR | [{"text": STR} | {"image": PATH}, ...]}, ...]}
 
 Prepared folder (webdataset layout, plain tar):
     manifest.json                      counts, shard sizes and sha256 checksums
@@ -11,6 +13,8 @@ Prepared folder (webdataset layout, plain tar):
         {key}.json                     {"kind": ..., "segments": [{"text": s} | {"image": member}]}
         {key}.img{j}.{ext}             the j-th image's original bytes (validated at preparation)
 Every kind is normalised to a segment list: a caption is [image, text], a text document [text].
+A chat becomes "System: ...", "User: ...", "Assistant: ..." turns; its text segments carry
+"loss": true on the assistants' answers only (supervised fine-tuning), false elsewhere.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 
 from megatron_mm1.config import ConfigError
 
-KINDS = ("interleaved", "caption", "text")
+KINDS = ("interleaved", "caption", "text", "chat")
+CHAT_ROLES = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -47,7 +52,7 @@ class RecordRejected(Exception):
 @dataclass
 class Record:
     kind: str
-    segments: list[dict[str, str]]  # each {"text": str} or {"image": path}
+    segments: list[dict]  # each {"text": str} (chat: plus "loss": bool) or {"image": path}
 
     @property
     def image_paths(self) -> list[str]:
@@ -64,6 +69,33 @@ def _image(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise RecordRejected("invalid_record", "'image' must be a non-empty path")
     return value
+
+
+def _chat_segments(messages: Any) -> list[dict]:
+    """Turns as text and image segments; only the assistants' answers carry the loss."""
+    if not isinstance(messages, list) or not messages:
+        raise RecordRejected("invalid_record", "'messages' must be a non-empty list")
+    segments: list[dict] = []
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            raise RecordRejected("invalid_record", f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+        content = message.get("content")
+        parts = [{"text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise RecordRejected("invalid_record", "'content' must be a string or a list of segments")
+        answer = role == "assistant"
+        segments.append({"text": ("\n" if segments else "") + CHAT_ROLES[role], "loss": False})
+        for part in parts:
+            if isinstance(part, dict) and set(part) == {"text"}:
+                segments.append({"text": _text(part["text"], "text"), "loss": answer})
+            elif isinstance(part, dict) and set(part) == {"image"}:
+                segments.append({"image": _image(part["image"])})
+            else:
+                raise RecordRejected("invalid_record", f"content part {part!r} is neither {{'text'}} nor {{'image'}}")
+    if not any(seg.get("loss") and seg["text"].strip() for seg in segments):
+        raise RecordRejected("empty_text", "no assistant answer to learn from")
+    return segments
 
 
 def parse_record(line: str) -> Record:
@@ -93,8 +125,10 @@ def parse_record(line: str) -> Record:
                 segments.append({"image": _image(seg["image"])})
             else:
                 raise RecordRejected("invalid_record", f"segment {seg!r} is neither {{'text'}} nor {{'image'}}")
+    elif kind == "chat":
+        segments = _chat_segments(obj.get("messages"))
     else:
-        raise RecordRejected("invalid_record", f"unknown type {kind!r}; use caption, interleaved or text")
+        raise RecordRejected("invalid_record", f"unknown type {kind!r}; use caption, interleaved, text or chat")
     # The loss is on text only: a sample without text teaches nothing.
     if not any(s.get("text", "").strip() for s in segments):
         raise RecordRejected("empty_text", "no text")

@@ -8,7 +8,8 @@ N = model.connector.num_image_tokens:
                                   (model.image_token_id); padding is pad id 3.
     labels        int64   [b, s]  labels[i] = tokens[i+1] when i+1 is in the same sample, else 3.
     loss_mask     float32 [b, s]  1.0 where labels[i] is a text token of the same sample (not
-                                  <image>, not padding, not across a sample boundary), else 0.0.
+                                  <image>, not padding, not across a sample boundary) that
+                                  carries the loss (in chats: the assistants' answers), else 0.0.
     segment_ids   int32   [b, s]  1..k for the k samples packed in the row, 0 for padding.
     position_ids  int64   [b, s]  position within its sample, restarting at 0 per sample.
     images        float32 [num_images, 3, H, W]  CLIP-normalised, in order of appearance across the
@@ -44,20 +45,28 @@ class Encoded:
     tokens: np.ndarray  # int64
     image_pos: list[int]
     images: list[Any]  # image references, in order (opaque here: (shard, member) in the loader)
+    loss: np.ndarray  # bool per token: predicting it carries the loss
 
 
 def encode_sample(sample: dict, tokenizer: Tokenizer, num_image_tokens: int) -> Encoded:
-    """bos, then each segment (text ids, or N <image> ids), then eos."""
-    ids, image_pos, images = [BOS_ID], [], []
+    """bos, then each segment (text ids, or N <image> ids), then eos. Text carries the loss
+    unless its segment says "loss": false (chat prompts); eos does when the last text does."""
+    ids, loss, image_pos, images = [BOS_ID], [False], [], []
+    text_loss = True
     for seg in sample["segments"]:
         if "image" in seg:
             image_pos.append(len(ids))
             images.append(seg["image"])
             ids.extend([tokenizer.image_token_id] * num_image_tokens)
+            loss.extend([False] * num_image_tokens)
         else:
-            ids.extend(tokenizer.encode(seg["text"]))
+            text = tokenizer.encode(seg["text"])
+            text_loss = seg.get("loss", True)
+            ids.extend(text)
+            loss.extend([text_loss] * len(text))
     ids.append(EOS_ID)
-    return Encoded(np.asarray(ids, dtype=np.int64), image_pos, images)
+    loss.append(text_loss)
+    return Encoded(np.asarray(ids, dtype=np.int64), image_pos, images, np.asarray(loss, dtype=bool))
 
 
 @dataclass
@@ -66,6 +75,7 @@ class Chunk:
 
     tokens: np.ndarray
     images: list[Any]
+    loss: np.ndarray  # bool per token, as in Encoded
 
 
 @dataclass
@@ -129,7 +139,7 @@ class Packer:
                 if end == p.start:
                     break  # the next image does not fit here; it starts the next row
             placed = [img for k, img in zip(p.sample.image_pos, p.sample.images) if p.start <= k < end]
-            row.append(Chunk(p.sample.tokens[p.start:end], placed))
+            row.append(Chunk(p.sample.tokens[p.start:end], placed, p.sample.loss[p.start:end]))
             used += end - p.start
             images += len(placed)
             if end == len(p.sample.tokens):
@@ -152,7 +162,7 @@ def row_arrays(row: list[Chunk], seq_length: int, image_token_id: int) -> dict[s
         t, n = chunk.tokens, len(chunk.tokens)
         tokens[at:at + n] = t
         labels[at:at + n - 1] = t[1:]
-        loss_mask[at:at + n - 1] = t[1:] != image_token_id
+        loss_mask[at:at + n - 1] = (t[1:] != image_token_id) & chunk.loss[1:]
         segment_ids[at:at + n] = seg
         position_ids[at:at + n] = np.arange(n)
         at += n

@@ -1,0 +1,248 @@
+"""The DeepSpeed engine: megatron-core's model (tensor parallel) under DeepSpeed's data
+parallelism with ZeRO stage 1, 2 or 3 and optional CPU optimizer offload.
+
+It matches the megatron engine's numbers: the same AdamW and parameter groups (no weight decay
+on biases and 1-D parameters), megatron's warmup + cosine schedule driving the optimizer, the
+same global-norm clipping and the same loss averaging. bf16 comes from training.bf16.
+
+The ZeRO settings come from the JSON file training.deepspeed_config (see deepspeed_configs/);
+the batch sizes, clipping and bf16 are ours, written "auto" there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_mm1.checkpoint import load_model, save_model
+from megatron_mm1.config import Config, ConfigError
+from megatron_mm1.data.packing import attention_mask_from_segments
+from megatron_mm1.engine import _reduce_metrics, _to_device, loss_func
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_TAG = "state"  # the one DeepSpeed checkpoint inside each of our checkpoint folders
+
+
+def _filled_values(cfg: Config, num_microbatches: int) -> dict[str, object]:
+    """The DeepSpeed settings that our config decides, by their path in the JSON."""
+    t = cfg.training
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": num_microbatches,
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.grad_clip,
+        "bf16.enabled": t.bf16,
+    }
+
+
+def deepspeed_config_path(cfg: Config) -> Path:
+    """training.deepspeed_config, relative to the working directory or else to the repository
+    (where the shipped deepspeed_configs/ live)."""
+    path = Path(cfg.training.deepspeed_config)
+    if not path.is_absolute() and not path.is_file():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise ConfigError(
+            f"training.deepspeed_config={cfg.training.deepspeed_config} does not exist; use one "
+            f"of {sorted(p.name for p in (REPO_ROOT / 'deepspeed_configs').glob('*.json'))} in "
+            "deepspeed_configs/ or a path to a DeepSpeed JSON config"
+        )
+    return path
+
+
+def read_deepspeed_config(cfg: Config, num_microbatches: int) -> dict:
+    """The DeepSpeed JSON with our batch sizes, clipping and bf16 filled in. A value fixed in
+    the file that contradicts our config is refused, as are sections this engine owns."""
+    path = deepspeed_config_path(cfg)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"training.deepspeed_config={path} is not valid JSON: {e}") from None
+    errors = []
+    for section, why in (
+        ("optimizer", "the optimizer is megatron's AdamW, set by training.lr/adam_*/weight_decay"),
+        ("scheduler", "the LR schedule is megatron's warmup + cosine, set by training.*"),
+    ):
+        if section in ds:
+            errors.append(f'remove "{section}": {why}')
+    if ds.get("fp16", {}).get("enabled") not in (None, False):
+        errors.append('remove "fp16": MM1 trains in bf16 (training.bf16) or fp32')
+    for key, ours in _filled_values(cfg, num_microbatches).items():
+        *parents, leaf = key.split(".")
+        node = ds
+        for name in parents:
+            node = node.setdefault(name, {})
+        if node.get(leaf, "auto") == "auto":
+            node[leaf] = ours
+        elif node[leaf] != ours:
+            errors.append(f'"{key}" is {node[leaf]} but our config gives {ours}; write "auto" there')
+    if errors:
+        raise ConfigError(f"training.deepspeed_config={path}:\n  - " + "\n  - ".join(errors))
+    return ds
+
+
+class _MegatronMpu:
+    """megatron-core's parallel_state as DeepSpeed's `mpu`. DeepSpeed also asks for
+    model-parallel and slice-parallel groups: without pipeline parallelism (refused under
+    DeepSpeed) both are the tensor-parallel group."""
+
+    _ALIASES = ("get_model_parallel_", "get_slice_parallel_")
+
+    def __getattr__(self, name: str):
+        for alias in self._ALIASES:
+            if name.startswith(alias):
+                name = name.replace(alias, "get_tensor_model_parallel_", 1)
+        return getattr(parallel_state, name)
+
+
+def _param_groups(cfg: Config, model: torch.nn.Module) -> list[dict]:
+    """megatron-core's own parameter groups, so that the same parameters skip weight decay
+    (biases and 1-D parameters: wd_mult 0) as under the megatron engine."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    from megatron_mm1 import recipe
+
+    lr = recipe.peak_lr(cfg)
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=lr * cfg.training.min_lr_ratio, weight_decay=recipe.weight_decay(cfg)
+    )
+    return [g for g in _get_param_groups([model], config, None) if g["params"]]
+
+
+def _offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") != "none"
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict):
+    """AdamW over megatron's parameter groups and megatron's LR schedule driving it.
+    Without apex/TE megatron-core uses torch's AdamW; with the optimizer offloaded to the CPU,
+    DeepSpeed's vectorised CPU Adam in AdamW mode (same update, compiled on first use)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_mm1 import recipe
+
+    t = cfg.training
+    lr, wd = recipe.peak_lr(cfg), recipe.weight_decay(cfg)
+    kwargs = dict(lr=lr, weight_decay=wd, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    groups = _param_groups(cfg, model)
+    if _offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(groups, **kwargs)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=lr * t.min_lr_ratio,
+        lr_warmup_steps=recipe.warmup_steps(cfg),
+        lr_decay_steps=t.steps,
+        lr_decay_style="cosine",
+        start_wd=wd,
+        end_wd=wd,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+class DeepSpeedEngine:
+    """One model (PP=1) under a DeepSpeed ZeRO engine; the interface of MegatronEngine.
+
+    deepspeed.initialize runs on first use (a step, a save or an optimizer load), not here:
+    weights loaded before it (resume without the optimizer, at any layout) then become
+    DeepSpeed's fp32 master weights, which ZeRO keeps apart from the module's parameters.
+    """
+
+    def __init__(self, cfg: Config, num_microbatches: int):
+        import deepspeed
+
+        from megatron_mm1.models.mm1 import build_model
+
+        # DeepSpeed logs every step and config field at INFO; the trainer reports progress.
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        self.cfg = cfg
+        self.num_microbatches = num_microbatches
+        self.ds_config = read_deepspeed_config(cfg, num_microbatches)
+        (self.model,) = build_model(cfg)  # PP=1 under DeepSpeed: one chunk
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.ds_config)
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            import deepspeed
+
+            self._engine, *_ = deepspeed.initialize(
+                model=self.model, optimizer=self.optimizer, mpu=_MegatronMpu(), config=self.ds_config
+            )
+        return self._engine
+
+    def train_step(self, microbatches: list[dict]) -> dict:
+        """Forward and backward of each micro-batch, then DeepSpeed's step at the accumulation
+        boundary. DeepSpeed checks the reduced gradients (NaN/Inf, also from a NaN loss) on
+        every rank and skips the update; the schedule then does not advance either."""
+        engine = self.engine
+        losses = []
+        for batch in microbatches:
+            batch = _to_device(batch)
+            mask = attention_mask_from_segments(batch["segment_ids"])
+            output = engine(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+            loss, metrics = loss_func(batch["loss_mask"], output)
+            engine.backward(loss)  # scaled by 1/num_microbatches, averaged over DP
+            engine.step()  # an optimizer step only at the last micro-batch
+            losses.append(metrics)
+        metrics = _reduce_metrics(losses, self.cfg, self.num_microbatches)
+        if not engine.was_step_applied():
+            return {**metrics, "skipped": True, "grad_norm": math.nan, "lr": self.lr()}
+        self.scheduler.step(increment=1)
+        return {**metrics, "skipped": False, "grad_norm": float(engine.get_global_grad_norm()), "lr": self.lr()}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _full_weights(self):
+        """ZeRO-3 partitions the parameters over DP ranks; gather them (read-only) for a
+        layout-free copy of the weights."""
+        if self.engine.zero_optimization_stage() < 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
+    def save(self, path: Path) -> None:
+        """DeepSpeed's checkpoint (weights, ZeRO optimizer partitions) in path/deepspeed, for
+        exact resume at the same layout; the weights also in path/model, which conversion and
+        any other layout or engine can read."""
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag=DS_TAG)
+        with self._full_weights():
+            save_model([self.model], path / "model")
+
+    def load(self, path: Path, load_optimizer: bool) -> None:
+        if load_optimizer:
+            if not (path / "deepspeed" / DS_TAG).is_dir():
+                raise ConfigError(
+                    f"{path} holds no DeepSpeed optimizer state; load its weights with a fresh "
+                    "optimizer: --set checkpoint.load_optimizer=false"
+                )
+            self.engine.load_checkpoint(
+                str(path / "deepspeed"), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            return
+        if self._engine is not None:
+            raise RuntimeError("load weights without the optimizer before the first step")
+        load_model([self.model], path / "model")
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
