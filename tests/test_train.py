@@ -178,7 +178,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(data, tmp_path):
 def test_metrics_and_tensorboard(data, tmp_path):
     out = tmp_path / "run"
     train(data, out, 3, 2, ["parallel.pipeline_model_parallel_size=2", "model.logits_z_loss_coeff=1e-4",
-                            "training.peak_tflops=0.01"], config="tiny-moe")
+                            "training.peak_tflops=0.01", "training.bf16=true"], config="tiny-moe")
     row = rows(out)[-1]
     for key in ("step", "loss", "lm_loss", "logits_z_loss", "lr", "grad_norm", "tokens_per_s",
                 "tflops_per_gpu", "mfu", "moe_load_balancing_loss", "moe_z_loss", "skipped_steps"):

@@ -24,9 +24,10 @@ class VisionEncoder(MegatronModule):
         width = config.hidden_size
         self.patch_size = vision.patch_size
         self.num_patches = vision.num_patches
-        self.conv1 = torch.nn.Conv2d(3, width, vision.patch_size, vision.patch_size, bias=False)
-        self.class_embedding = torch.nn.Parameter(torch.empty(width))
-        self.position_embedding = torch.nn.Parameter(torch.empty(self.num_patches + 1, width))
+        dtype = config.params_dtype
+        self.conv1 = torch.nn.Conv2d(3, width, vision.patch_size, vision.patch_size, bias=False, dtype=dtype)
+        self.class_embedding = torch.nn.Parameter(torch.empty(width, dtype=dtype))
+        self.position_embedding = torch.nn.Parameter(torch.empty(self.num_patches + 1, width, dtype=dtype))
         with torch.no_grad():
             config.init_method(self.class_embedding)
             config.init_method(self.position_embedding)
