@@ -113,7 +113,7 @@ class ModelConfig:
     freeze_vision: bool = False
     freeze_connector: bool = False
     freeze_llm: bool = False
-    layer_spec: str = "local"  # local: megatron-core's own modules with torch norms
+    layer_spec: str = "local"  # local: megatron-core's attention; fast: torch SDPA (flash on GPU)
     init_method_std: float = 0.02
 
 
