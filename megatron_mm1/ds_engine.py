@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from megatron_mm1.engine import _reduce_metrics, _to_device, loss_func
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_TAG = "state"  # the one DeepSpeed checkpoint inside each of our checkpoint folders
+DS_LAYOUT = "mm1_layout.json"  # beside it: the layout its optimizer partitions belong to
 
 
 def _filled_values(cfg: Config, num_microbatches: int) -> dict[str, object]:
@@ -181,6 +183,10 @@ class DeepSpeedEngine:
         if self._engine is None:
             import deepspeed
 
+            from megatron_mm1.runtime import dist_env
+
+            # DeepSpeed asserts LOCAL_RANK, which only torchrun sets (not srun, not --nproc 1).
+            os.environ.setdefault("LOCAL_RANK", str(dist_env().local_rank))
             self._engine, *_ = deepspeed.initialize(
                 model=self.model, optimizer=self.optimizer, mpu=_MegatronMpu(), config=self.ds_config
             )
@@ -218,20 +224,35 @@ class DeepSpeedEngine:
 
         return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
 
+    def _layout(self) -> dict:
+        zero = self.ds_config.get("zero_optimization", {})
+        return {
+            "zero_stage": zero.get("stage", 0),
+            "offload_optimizer": _offloads_optimizer(self.ds_config),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        }
+
     def save(self, path: Path) -> None:
         """DeepSpeed's checkpoint (weights, ZeRO optimizer partitions) in path/deepspeed, for
         exact resume at the same layout; the weights also in path/model, which conversion and
         any other layout or engine can read."""
         self.engine.save_checkpoint(str(path / "deepspeed"), tag=DS_TAG)
+        if torch.distributed.get_rank() == 0:
+            (path / "deepspeed" / DS_LAYOUT).write_text(json.dumps(self._layout()))
         with self._full_weights():
             save_model([self.model], path / "model")
 
     def load(self, path: Path, load_optimizer: bool) -> None:
         if load_optimizer:
-            if not (path / "deepspeed" / DS_TAG).is_dir():
+            # DeepSpeed's partitions load only into the same ZeRO stage, offload and sizes.
+            layout = path / "deepspeed" / DS_LAYOUT
+            saved = json.loads(layout.read_text()) if layout.is_file() else None
+            if saved != self._layout():
                 raise ConfigError(
-                    f"{path} holds no DeepSpeed optimizer state; load its weights with a fresh "
-                    "optimizer: --set checkpoint.load_optimizer=false"
+                    f"{path} holds DeepSpeed optimizer state for {saved}, which does not load at "
+                    f"{self._layout()}: resume with the saved training.deepspeed_config and layout, "
+                    "or load the weights with a fresh optimizer: --set checkpoint.load_optimizer=false"
                 )
             self.engine.load_checkpoint(
                 str(path / "deepspeed"), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False

@@ -35,7 +35,7 @@ def dist_env() -> DistEnv:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ConfigError(
                 "under srun without torchrun, MASTER_ADDR and MASTER_PORT must be set "

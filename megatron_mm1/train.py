@@ -65,6 +65,7 @@ class Trainer:
         from megatron_mm1.data import build_loader
         from megatron_mm1.runtime import init_runtime
 
+        self.stop = StopSignal()  # first: a signal during start-up still stops the run cleanly
         self.cfg, self.out = cfg, out
         self.root = out / "checkpoints"
         self.env = init_runtime(cfg)
@@ -118,7 +119,8 @@ class Trainer:
             "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
             "expert_model_parallel_size": p.expert_model_parallel_size,
             "engine": self.cfg.training.engine,
-            "distributed_optimizer": self.cfg.training.distributed_optimizer,
+            # The deepspeed engine checks its own optimizer layout (ZeRO stage, offload, TP, DP).
+            "distributed_optimizer": self.cfg.training.engine == "megatron" and self.cfg.training.distributed_optimizer,
         }
 
     def resume(self, path: Path) -> None:
@@ -173,12 +175,14 @@ class Trainer:
             source = Path(self.cfg.checkpoint.finetune_from)
             self.engine.load(source, load_optimizer=False)
             self._log_line(f"fine-tuning from the weights of {source}")
-        stop = StopSignal()
         first_step = self.step
         logger = MetricsLogger(self.out, self.cfg) if self.is_logger else None
         loader = iter(self.loader) if self.loader is not None else None
         t = self.cfg.training
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not self.is_logger, dynamic_ncols=True)
+        # A live bar on a terminal; in batch logs (Slurm) one plain line per logged step.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not (self.is_logger and interactive),
+                   dynamic_ncols=True)
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
@@ -190,6 +194,13 @@ class Trainer:
                 if logger:
                     logger.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    if not interactive and self.step % t.log_interval == 0:
+                        print(
+                            f"step {self.step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.3e} "
+                            f"grad_norm {row['grad_norm']:.3f} tokens/s {row['tokens_per_s']:.0f} "
+                            f"TFLOP/s/GPU {row['tflops_per_gpu']:.3f}",
+                            flush=True,
+                        )
                 if self.counters["consecutive_nonfinite"] >= t.max_nonfinite_steps:
                     path = self.save()  # the weights are the last good ones: bad steps were skipped
                     return self._exit(
@@ -199,7 +210,7 @@ class Trainer:
                         f"the last good state is in {path}. Lower training.lr, check the data, or "
                         "resume from an earlier checkpoint",
                     )
-                if stop.any_rank():
+                if self.stop.any_rank():
                     path = self.save()
                     return self._exit(
                         EXIT_PREEMPTED,

@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     world_size = dist_env().world_size if launched else args.nproc
     cfg = load_config(args.config, overrides)
     validate(cfg, world_size=world_size)  # before any process starts
+    if cfg.training.engine == "deepspeed":
+        from megatron_mm1.config import data_parallel_size
+        from megatron_mm1.ds_engine import read_deepspeed_config
+
+        t = cfg.training
+        read_deepspeed_config(cfg, t.global_batch_size // (t.micro_batch_size * data_parallel_size(cfg, world_size)))
     if args.dry_run:
         print(json.dumps({"world_size": world_size, "config": config_to_dict(cfg)}, indent=1))
         return 0

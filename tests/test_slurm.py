@@ -1,0 +1,241 @@
+"""The Slurm launcher (`mm1 submit`, slurm/train.sbatch) against a real two-node Slurm cluster
+started on this machine (tests/slurm_cluster.py): a run to completion on both nodes, a signal
+before the time limit (checkpoint, requeue, resume, the uninterrupted run's losses), a node that
+never joins the rendezvous, and the rendered script for mm1-30b on 64 x 8 GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import slurm_cluster
+from conftest import ROOT, run
+
+MM1 = [sys.executable, "-m", "megatron_mm1.cli"]
+STEPS = 8
+TINY = ["--config", "tiny", "--nodes", "2", "--gpus-per-node", "1", "--steps", str(STEPS),
+        "--set", "training.warmup_steps=2"]
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not slurm_cluster.available():
+        if os.environ.get("CI"):
+            pytest.fail("slurm-wlm and munge are not installed (.ci/run installs them)")
+        pytest.skip("slurm-wlm and munge are not installed (apt-get install slurm-wlm munge)")
+    root = tmp_path_factory.mktemp("slurm")
+    env = slurm_cluster.start(root)
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(env)
+    try:
+        yield root
+    finally:
+        subprocess.run(["scancel", "--full", "--quiet", "--user", "root"], timeout=60)
+        time.sleep(2)
+        slurm_cluster.stop(root)
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-data")
+    run([*MM1, "data", "demo", "--out", str(out)])
+    return out
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def wait_job(job_id: str, out: Path, timeout: float = 360) -> dict[str, str]:
+    end = time.time() + timeout
+    while time.time() < end:
+        info = job_info(job_id)
+        if info.get("JobState") in FINAL_STATES:
+            return info
+        time.sleep(1)
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((out / "logs").glob("*")))
+    pytest.fail(f"job {job_id} did not end within {timeout}s: {job_info(job_id)}\n{logs}")
+
+
+def submit(data: Path, out: Path, *extra: str) -> str:
+    proc = run([*MM1, "submit", *TINY, "--data", str(data), "--out", str(out), *extra])
+    assert "squeue -j" in proc.stdout and "tail -f" in proc.stdout
+    return proc.stdout.split()[-1]
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def log(out: Path, job_id: str, restart: int) -> str:
+    return (out / "logs" / f"{job_id}-restart{restart}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def whole_run(cluster, data, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("whole")
+    job_id = submit(data, out)
+    info = wait_job(job_id, out)
+    assert info["JobState"] == "COMPLETED", (info, log(out, job_id, 0)[-3000:])
+    return out, job_id
+
+
+def test_two_nodes_to_completion(whole_run):
+    out, job_id = whole_run
+    text = log(out, job_id, 0)
+    # Both nodes ran torchrun, and the run ended through its own record.
+    assert "node node1" in text and "node node2" in text
+    assert json.loads((out / "exit.json").read_text())["code"] == 0
+    assert list(losses(out)) == list(range(1, STEPS + 1))
+    # The records: rendered script, resolved config, exact command, the rendezvous for 2 nodes.
+    assert (out / "train.sbatch").is_file() and (out / "config.yaml").is_file()
+    command = (out / "command.sh").read_text()
+    assert "--nnodes=2" in command and "--nproc-per-node=1" in command and "--rdzv-backend=c10d" in command
+    assert "--resume auto" in command and "training.steps=" not in command  # --steps passed as is
+    assert not (out / "logs" / f"{job_id}-restart1.log").exists()
+
+
+def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
+    out = tmp_path / "split"
+    job_id = submit(data, out)
+    end = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert time.time() < end and job_info(job_id)["JobState"] not in FINAL_STATES, job_info(job_id)
+        time.sleep(0.2)
+    # What Slurm does SIGNAL_SECONDS before the time limit (--signal=B:USR1@N), now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=60)
+    # Slurm holds a requeued job for about two minutes (BeginTime); let it start at once.
+    end = time.time() + 300
+    while job_info(job_id).get("Restarts", "0") == "0" or job_info(job_id)["JobState"] != "PENDING":
+        info = job_info(job_id)
+        assert time.time() < end and info["JobState"] not in FINAL_STATES, (info, log(out, job_id, 0)[-3000:])
+        time.sleep(0.5)
+    # ... once the old allocation is cleaned up on both nodes, and in a later second than the
+    # requeue (slurmd refuses job credentials issued in the second the job was killed).
+    while subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.split() != ["idle"]:
+        assert time.time() < end
+        time.sleep(0.5)
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=60)
+    info = wait_job(job_id, out)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+
+    first, second = log(out, job_id, 0), log(out, job_id, 1)
+    assert "USR1 received" in first and "exiting with 75" in first and "requeueing" in first
+    assert "resumed from" in second and "done" in second
+    whole = losses(whole_run[0])
+    split = losses(out)
+    assert list(split) == list(range(1, STEPS + 1))  # every step once: saved at a step boundary
+    assert split[STEPS] == whole[STEPS]  # the same final loss as the uninterrupted run, exactly
+    assert split == whole
+
+
+def test_node_that_never_starts_fails_the_rendezvous(cluster, data, tmp_path):
+    timeout = 15
+    out = tmp_path / "rdzv"
+    proc = run([*MM1, "submit", *TINY, "--data", str(data), "--out", str(out),
+                "--rdzv-timeout", str(timeout), "--max-restarts", "0", "--dry-run"])
+    launch = '    exec "$PYTHON" -m torch.distributed.run'
+    assert launch in proc.stdout
+    # The second node's task starts, but never its torchrun.
+    script = proc.stdout.replace(launch, '    [ "$SLURM_NODEID" = 1 ] && exec sleep 600\n' + launch)
+    (out / "logs").mkdir(parents=True)
+    (out / "train.sbatch").write_text(script)
+    job_id = subprocess.run(["sbatch", "--parsable", str(out / "train.sbatch")], check=True,
+                            capture_output=True, text=True, timeout=60).stdout.strip()
+    start = time.time()
+    info = wait_job(job_id, out, timeout=timeout + 240)
+    text = log(out, job_id, 0)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "124:0", (info, text[-3000:])
+    assert f"ERROR: rendezvous timeout: not all 2 nodes joined" in text
+    assert f"RDZV_TIMEOUT={timeout} s" in text and "not requeued" in text
+    started = re.search(r"node node1 .*starting torchrun", text)
+    assert started
+    assert time.time() - start < timeout + 120
+
+
+def test_dry_run_30b_on_64_nodes(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer.model").write_bytes(b"")
+    out = tmp_path / "run"
+    proc = run([*MM1, "submit", "--config", "mm1-30b", "--nodes", "64", "--gpus-per-node", "8",
+                "--device", "gpu", "--data", str(data), "--out", str(out), "--time", "2-00:00:00",
+                "--partition", "gpu", "--account", "proj", "--max-restarts", "5",
+                "--set", "training.lr=1e-4", "--dry-run"])
+    script = proc.stdout
+    assert "world size 512, valid" in proc.stderr
+    assert script.startswith("#!/bin/bash\n") and not out.exists()  # nothing written
+    sbatch = re.findall(r"^#SBATCH (\S+)", script, re.M)
+    for line in ["--nodes=64", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:USR1@300",
+                 "--requeue", "--time=2-00:00:00", "--partition=gpu", "--account=proj",
+                 f"--output={out}/logs/%j.out"]:
+        assert line in sbatch, (line, sbatch)
+    assert "--qos" not in " ".join(sbatch)  # not given: stays off
+    assert re.search(r"^GPUS_PER_NODE=8\b", script, re.M) and re.search(r"^DEVICE=gpu\b", script, re.M)
+    assert "CONFIG=mm1-30b\n" in script and f"DATA={data}\n" in script and f"OUT={out}\n" in script
+    assert "SETS=(training.lr=1e-4)\n" in script and "MAX_RESTARTS=5\n" in script
+    # The launch line: torchrun per node over NNODES (= SLURM_JOB_NUM_NODES = 64) x 8, then mm1 train.
+    assert 'TORCHRUN=(--nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"' in script
+    assert "-m megatron_mm1.cli train \"${TRAIN[@]}\")" in script
+    assert 'TRAIN=(--config "$CONFIG" --out "$OUT" --resume auto)' in script
+    assert "--rdzv-backend=c10d" in script and 'srun --nodes="$NNODES" --ntasks-per-node=1' in script
+    assert "scontrol requeue" in script
+    check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
+    # The rendered command lines, as bash expands them on the allocation.
+    expand = script.split("# ==== END OF RUN SETTINGS")[0] + (
+        '\nSLURM_JOB_NUM_NODES=64; NNODES=64\n'
+        + re.search(r"^TRAIN=\(.*?^for item.*?\n", script, re.M | re.S).group(0)
+        + re.search(r"^TORCHRUN=\(.*?train \"\$\{TRAIN\[@\]\}\"\)\n", script, re.M | re.S).group(0)
+        + 'printf "%s\\n" "${TORCHRUN[@]}"\n'
+    )
+    args = subprocess.run(["bash", "-c", expand], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "--nnodes=64" in args and "--nproc-per-node=8" in args
+    train = args[args.index("megatron_mm1.cli"):]
+    assert train[:5] == ["megatron_mm1.cli", "train", "--config", "mm1-30b", "--out"]
+    assert ["--data", str(data)] == train[train.index("--data"):train.index("--data") + 2]
+    assert ["--set", "training.lr=1e-4"] == train[train.index("--set"):train.index("--set") + 2]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "mm1-30b", "--nodes", "3", "--gpus-per-node", "8"], "24"),
+        (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--data", "/nonexistent/data"], "no such folder"),
+        (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1"], "--data"),
+    ],
+    ids=["world-size", "missing-data", "no-data"],
+)
+def test_refused_before_submitting(tmp_path, args, message):
+    proc = run([*MM1, "submit", *args, "--out", str(tmp_path / "run"), "--device", "gpu"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("mm1 submit: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_convert_script_exports_the_newest_checkpoint(whole_run, tmp_path):
+    out, _ = whole_run
+    env = {**os.environ, "RUN": str(out), "HF_OUT": str(tmp_path / "hf"), "REPO": str(ROOT), "PYTHON": sys.executable}
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/convert-%j.out", str(ROOT / "slurm" / "convert.sbatch")],
+                          check=True, capture_output=True, text=True, env=env, timeout=60)
+    job_id = proc.stdout.strip()
+    info = wait_job(job_id, out)
+    text = (tmp_path / f"convert-{job_id}.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", (info, text[-3000:])
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert f"checkpoints/{latest} -> {tmp_path / 'hf'}" in text and "done" in text
+    assert (tmp_path / "hf" / "config.json").is_file()
