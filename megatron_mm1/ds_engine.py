@@ -126,7 +126,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict):
     """AdamW over megatron's parameter groups and megatron's LR schedule driving it.
     Without apex/TE megatron-core uses torch's AdamW; with the optimizer offloaded to the CPU,
     DeepSpeed's vectorised CPU Adam in AdamW mode (same update, compiled on first use)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_mm1 import recipe
 
@@ -140,19 +139,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict):
         optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     else:
         optimizer = torch.optim.AdamW(groups, **kwargs)
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=lr,
-        min_lr=lr * t.min_lr_ratio,
-        lr_warmup_steps=recipe.warmup_steps(cfg),
-        lr_decay_steps=t.steps,
-        lr_decay_style="cosine",
-        start_wd=wd,
-        end_wd=wd,
-        wd_incr_steps=t.steps,
-        wd_incr_style="constant",
-    )
+    scheduler = recipe.lr_scheduler(cfg, optimizer)
     return optimizer, scheduler
 
 

@@ -166,7 +166,6 @@ def build_optimizer(cfg: Config, model: list):
     """megatron-core's optimizer (AdamW; distributed over DP if configured) and its warmup +
     cosine LR schedule, with MM1's defaults (see recipe.py)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_mm1 import recipe
 
@@ -188,19 +187,7 @@ def build_optimizer(cfg: Config, model: list):
         ),
         model,
     )
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=lr,
-        min_lr=lr * t.min_lr_ratio,
-        lr_warmup_steps=recipe.warmup_steps(cfg),
-        lr_decay_steps=t.steps,
-        lr_decay_style="cosine",
-        start_wd=wd,
-        end_wd=wd,
-        wd_incr_steps=t.steps,
-        wd_incr_style="constant",
-    )
+    scheduler = recipe.lr_scheduler(cfg, optimizer)
     return optimizer, scheduler
 
 

@@ -53,3 +53,26 @@ def weight_decay(cfg: Config) -> float:
 def warmup_steps(cfg: Config) -> int:
     # A run shorter than the warmup still reaches its peak on its last step.
     return min(cfg.training.warmup_steps, cfg.training.steps - 1)
+
+
+def lr_scheduler(cfg: Config, optimizer):
+    """megatron-core's scheduler with MM1's schedule: linear warmup from 0, cosine decay to
+    `min_lr_ratio` of the peak at `training.steps`, constant weight decay. It drives any
+    optimizer with torch-style param groups (both engines use it)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.training
+    lr, wd = peak_lr(cfg), weight_decay(cfg)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=lr * t.min_lr_ratio,
+        lr_warmup_steps=warmup_steps(cfg),
+        lr_decay_steps=t.steps,
+        lr_decay_style="cosine",
+        start_wd=wd,
+        end_wd=wd,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )

@@ -144,8 +144,6 @@ def test_damaged_shards_are_detected(messy):
 def test_chat_samples_carry_the_loss_on_answers_only(tmp_path):
     """Supervised fine-tuning: a chat's loss mask covers the assistants' answers (and the eos
     after the last one), never the prompts, role markers or images."""
-    import torch
-
     from megatron_mm1.config import load_config
     from megatron_mm1.data.demo import make_demo
     from megatron_mm1.data.loader import build_loader

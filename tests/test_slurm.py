@@ -160,7 +160,7 @@ def test_node_that_never_starts_fails_the_rendezvous(cluster, data, tmp_path):
     info = wait_job(job_id, out, timeout=timeout + 240)
     text = log(out, job_id, 0)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "124:0", (info, text[-3000:])
-    assert f"ERROR: rendezvous timeout: not all 2 nodes joined" in text
+    assert "ERROR: rendezvous timeout: not all 2 nodes joined" in text
     assert f"RDZV_TIMEOUT={timeout} s" in text and "not requeued" in text
     started = re.search(r"node node1 .*starting torchrun", text)
     assert started
