@@ -19,8 +19,9 @@ $(STAMP): requirements.txt setup.py
 demo: install
 	$(VENV)/bin/mm1 demo
 
+# Two workers, whole files each: the suite is mostly process start-up, which overlaps well.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) *.egg-info
