@@ -23,3 +23,20 @@ def run(cmd: list[str], timeout: float = 600, check: bool = True) -> subprocess.
 
 def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *args], timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single_process_runtime():
+    """One process's megatron runtime (tiny preset) for in-process model tests; torn down
+    after the module unless an earlier test had started it."""
+    from megatron.core import parallel_state
+
+    from megatron_mm1.config import load_config
+    from megatron_mm1.runtime import init_runtime, shutdown
+
+    if parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    init_runtime(load_config("tiny"))
+    yield
+    shutdown()

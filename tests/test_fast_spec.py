@@ -51,19 +51,7 @@ def compare(config: str, overrides: list[str]) -> None:
         torch.testing.assert_close(got[2][name], ref[2][name], msg=lambda m: f"{name}: {m}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    """One process's runtime for these tests, torn down after them unless another test's."""
-    from megatron.core import parallel_state
-
-    from megatron_mm1.runtime import shutdown
-
-    if parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    init_runtime(load_config("tiny"))
-    yield
-    shutdown()
+pytestmark = pytest.mark.usefixtures("single_process_runtime")
 
 
 def test_fast_equals_local_one_process():

@@ -22,25 +22,12 @@ from megatron_mm1 import flops
 from megatron_mm1.config import load_config
 from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.models.mm1 import MM1Model
-from megatron_mm1.runtime import init_runtime
 from megatron_mm1.synthetic import synthetic_microbatch
 
 TOLERANCE = 0.03
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    """One process's runtime for these tests, torn down after them unless another test's."""
-    from megatron.core import parallel_state
-
-    from megatron_mm1.runtime import shutdown
-
-    if parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    init_runtime(load_config("tiny"))
-    yield
-    shutdown()
+pytestmark = pytest.mark.usefixtures("single_process_runtime")
 
 
 def counted_step(cfg, batch) -> tuple[float, float]:
