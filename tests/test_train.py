@@ -114,6 +114,14 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # it ended between listing and signalling
+
+
 def _start(cmd):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -145,14 +153,23 @@ def test_kill_during_save_never_leaves_a_half_checkpoint(data, tmp_path):
     out = tmp_path / "run"
     proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2", "checkpoint.save_interval=1"]))
     root = out / "checkpoints"
-    # Wait until a save is in flight after at least one completed, then kill everything.
-    assert _wait_for(lambda: len(complete_checkpoints(root)) >= 1 and any(p.name.startswith(".tmp-") for p in root.iterdir()))
-    # kill -9 the whole tree: the launcher starts its workers in sessions of their own.
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it ended between listing and killing
+
+    def save_in_flight() -> bool:
+        return len(complete_checkpoints(root)) >= 1 and any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+    # Freeze the whole tree (the launcher starts its workers in sessions of their own) while a
+    # save is in flight after at least one completed; the check is repeated on the frozen tree
+    # because a save can finish between seeing its folder and stopping the processes.
+    for _ in range(20):
+        assert _wait_for(save_in_flight)
+        pids = [proc.pid, *_descendants(proc.pid)]
+        _signal_all(pids, signal.SIGSTOP)
+        if save_in_flight():
+            break
+        _signal_all(pids, signal.SIGCONT)
+    else:
+        pytest.fail("never caught a save in flight")
+    _signal_all(pids, signal.SIGKILL)
     proc.wait()
     assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the interrupted save
     for path in complete_checkpoints(root):
