@@ -131,6 +131,18 @@ def all_tensors(ckpt: Path) -> dict:
     return {n: t for names in reader.groups().values() for n, t in reader.read(names).items()}
 
 
+def stored_layout(ckpt: Path) -> dict:
+    """Every key of a dist checkpoint with its global size, dtype and chunks."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(ckpt / "model")).read_metadata()
+    return {
+        key: (tuple(m.size), m.properties.dtype, sorted((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks))
+        if hasattr(m, "chunks") else "bytes"
+        for key, m in metadata.state_dict_metadata.items()
+    }
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_is_bit_identical(work, kind):
     from megatron_mm1.checkpoint import load_checkpoint_config
@@ -138,10 +150,14 @@ def test_round_trip_is_bit_identical(work, kind):
 
     back = from_hf(export(work, kind), work["root"] / f"back_{kind}", progress=False)
     assert load_checkpoint_config(back) == load_checkpoint_config(work["root"] / kind)
-    original, restored = all_tensors(work["root"] / kind), all_tensors(back)
+    if kind in VARIANTS:  # saved by megatron in one process: from-hf writes the same chunks
+        assert stored_layout(back) == stored_layout(work["root"] / kind)
+    # Loaded by megatron's own dist_checkpointing, as training loads it.
+    original, restored = reference_model(work["root"] / kind)[1].state_dict(), reference_model(back)[1].state_dict()
     assert original.keys() == restored.keys()
     for name, tensor in original.items():
-        assert torch.equal(tensor, restored[name]), name
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(tensor, restored[name]), name
 
 
 def test_native_llm_and_clip_import(work):

@@ -8,8 +8,11 @@ Sources:
   connector, or the encoder without --vision) keep their fresh initialisation (seed
   training.seed).
 
-The model is built in one process (TP = PP = EP = 1) and saved with dist_checkpointing, which
-reshards on load. Memory: the whole model in its dtype, plus one tensor group being read.
+The checkpoint is written as megatron saves a one-process model (TP = PP = EP = 1);
+dist_checkpointing reshards it on load. It is written one parameter at a time, each read from
+its safetensors shard(s) when the writer asks for it, so memory stays near the largest
+parameter; only a freshly initialised part (the connector, or an encoder without --vision)
+is built whole.
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from megatron_mm1.checkpoint import save_config, save_model
+from megatron_mm1.checkpoint import save_config
 from megatron_mm1.config import Config, ConfigError, _build, _merge, config_to_dict, load_config, parse_override
 from megatron_mm1.hf.export import staging_dir
 from megatron_mm1.hf.hf_io import HFFolder
@@ -29,7 +31,11 @@ from megatron_mm1.hf.mapping import (
     CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap, group_of,
     llm_fields_from_hf, vision_fields_from_hf,
 )
-from megatron_mm1.hf.megatron_io import single_process
+from megatron_mm1.hf.megatron_io import sharded_layout, single_process, write_model
+from megatron_mm1.models.mm1 import image_connector, vision_encoder
+
+# Parts a conversion may have no weights for, and how they are initialised instead.
+FRESH_PARTS = {"vision": vision_encoder, "connector": image_connector}
 
 
 def import_config(
@@ -62,8 +68,6 @@ def from_hf(
     progress: bool = True,
 ) -> Path:
     """Convert; returns `out`. Raises ConfigError for bad input, leaving nothing behind."""
-    from megatron_mm1.models.mm1 import MM1Model
-
     out = Path(out)
     tmp = staging_dir(out)
     hf = HFFolder(hf_dir)
@@ -82,22 +86,26 @@ def from_hf(
     tied = not is_mm1 and hf.config.get("tie_word_embeddings", False)
 
     single = single_process(cfg)
-    model = MM1Model(single)
-    params = {n: p for n, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}
-    fresh: set[str] = set()
+
+    def covering(name: str):
+        return next(((m, src) for m, src in sources if m.covers(name)), None)
+
+    layout = sharded_layout(single)
+    fresh = {name.split(".")[0] for name in layout[0] if covering(name) is None}
+    if "llm" in fresh:
+        raise ConfigError(f"{hf.path} does not hold the language model this configuration needs")
+    built = {part: build(single).state_dict() for part, build in FRESH_PARTS.items() if part in fresh}
+
+    def tensor_for(name: str, like: torch.Tensor) -> torch.Tensor:
+        found = covering(name)
+        if found is None:
+            part, rest = name.split(".", 1)
+            return built[part][rest]
+        return _read(name, like, *found, tied=tied).to(like.dtype)
+
     try:
         tmp.mkdir(parents=True)
-        bar = tqdm(total=len(params), unit="tensor", desc="from-hf", disable=not progress)
-        with torch.no_grad():
-            for name, param in params.items():
-                found = [(m, src) for m, src in sources if m.covers(name)]
-                if not found:
-                    fresh.add(group_of(name).split(".")[0])
-                else:
-                    param.copy_(_read(name, param, *found[0], tied=tied))
-                bar.update()
-        bar.close()
-        save_model([model], tmp / "model")
+        write_model(tmp / "model", layout, tensor_for, progress)
         save_config(cfg, tmp / "config.yaml")
         os.rename(tmp, out)
     except BaseException:
@@ -117,7 +125,7 @@ def clip_prefix(vision: HFFolder) -> str:
     raise ConfigError(f"--vision {vision.path}: no CLIP vision tower weights (embeddings.class_embedding)")
 
 
-def _read(name: str, param: torch.Tensor, names: NameMap, src: HFFolder, tied: bool) -> torch.Tensor:
+def _read(name: str, like: torch.Tensor, names: NameMap, src: HFFolder, tied: bool) -> torch.Tensor:
     hf_names = names.hf_names(name)
     if tied and hf_names == ["lm_head.weight"] and "lm_head.weight" not in src:
         hf_names = ["model.embed_tokens.weight"]  # tied input/output embeddings
@@ -128,9 +136,9 @@ def _read(name: str, param: torch.Tensor, names: NameMap, src: HFFolder, tied: b
             "it is not a model of this configuration"
         )
     tensor = names.from_hf(name, [src.get(n) for n in hf_names])
-    if tensor.shape != param.shape:
+    if tensor.shape != like.shape:
         raise ConfigError(
             f"{src.path}: {', '.join(hf_names)} give shape {tuple(tensor.shape)} for {name}, "
-            f"but the configuration needs {tuple(param.shape)}"
+            f"but the configuration needs {tuple(like.shape)}"
         )
     return tensor

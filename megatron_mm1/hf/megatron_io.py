@@ -1,4 +1,4 @@
-"""The megatron side of conversion: read an MM1 checkpoint one group of tensors at a time.
+"""The megatron side of conversion: MM1 checkpoints read and written one tensor group at a time.
 
 The model is built on the meta device (no memory) in one process at TP = PP = EP = 1; its
 megatron-core sharded state dict says, for every parameter, which checkpoint key and which
@@ -7,10 +7,12 @@ stacked along leading axes under one key; SwiGLU's fc1 is stored as [gate; up] h
 
 dist_checkpointing's torch_dist format is torch.distributed.checkpoint's: `.metadata` lists
 every key's chunks (offsets and sizes in the global tensor) and where each chunk's bytes lie
-(file, offset, length, a torch.save blob). `read` loads only the chunks that overlap the
-requested regions, whatever layout (TP/PP/EP) wrote them, so peak memory is about one tensor
-group (one decoder layer), not the model. megatron's own `dist_checkpointing.load` cannot do
-this: it reads a stacked key only whole (all layers at once).
+(file, offset, length, a torch.save blob). `MegatronCheckpoint.read` loads only the chunks
+that overlap the requested regions, whatever layout (TP/PP/EP) wrote them, so peak memory is
+about one tensor group (one decoder layer), not the model; megatron's own
+`dist_checkpointing.load` reads a stacked key only whole (all layers at once). `write_model`
+writes the chunks one parameter at a time through torch.distributed.checkpoint's writer, as
+megatron would save that one-process model, so training loads the result at any layout.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ import io
 import math
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+from tqdm import tqdm
 
 from megatron_mm1.checkpoint import load_checkpoint_config, model_sharded_state_dict
 from megatron_mm1.config import Config, ConfigError, ParallelConfig
@@ -67,14 +74,45 @@ def check_shards(model_dir: Path):
     return metadata
 
 
+def sharded_layout(cfg: Config) -> tuple[dict, list[ShardedObject]]:
+    """The parameters (name -> ShardedTensor, or a factory that stores several) and the
+    `_extra_state` objects of a one-process MM1Model of `cfg` (after `single_process`), built
+    on the meta device."""
+    from megatron_mm1.models.mm1 import MM1Model
+
+    with torch.device("meta"):
+        meta = MM1Model(cfg)
+    sharded = model_sharded_state_dict([meta])["chunk0"]
+    entries = {
+        name: sh for name, sh in sharded.items()
+        if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and sh.data is not None
+    }
+    objects = [sh for sh in sharded.values() if isinstance(sh, ShardedObject)]
+    return entries, objects
+
+
+def stored_pieces(entry, data: torch.Tensor | None = None) -> list[ShardedTensor]:
+    """The ShardedTensors stored for one parameter (a factory stores several), holding `data`
+    (the full parameter) instead of the entry's own when given."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    if data is not None:
+        entry = dataclasses.replace(entry, data=data)
+    if isinstance(entry, ShardedTensor):
+        return [entry]
+    built = entry.build()
+    return list(nested_values(built)) if isinstance(built, (dict, list)) else [built]
+
+
+def chunk_size(piece: ShardedTensor) -> tuple[int, ...]:
+    """The piece's extent in its key's global tensor (stacking axes included)."""
+    return (1,) * piece.prepend_axis_num + tuple(piece.local_shape)
+
+
 class MegatronCheckpoint:
     """An MM1 checkpoint folder (config.yaml + model/), read group by group."""
 
     def __init__(self, ckpt: str | Path):
-        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-        from megatron_mm1.models.mm1 import MM1Model
-
         self.path = Path(ckpt)
         self.model_dir = self.path / "model"
         self.saved_cfg = load_checkpoint_config(self.path)
@@ -82,14 +120,7 @@ class MegatronCheckpoint:
             raise ConfigError(f"{self.path} has no model/ folder (the weights)")
         metadata = check_shards(self.model_dir)
         self.cfg = single_process(self.saved_cfg)
-        with torch.device("meta"):
-            meta = MM1Model(self.cfg)
-        sharded = model_sharded_state_dict([meta])["chunk0"]
-        # Parameters only: megatron's `_extra_state` entries (ShardedObjects) carry no weights.
-        self.entries = {
-            name: sh for name, sh in sharded.items()
-            if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and sh.data is not None
-        }
+        self.entries, _ = sharded_layout(self.cfg)
         self.stored = metadata.state_dict_metadata  # key -> global size and chunks
         self.storage = {  # (key, chunk offsets) -> file, offset, length
             (index.fqn, tuple(index.offset)): info
@@ -100,7 +131,7 @@ class MegatronCheckpoint:
     def _check_shapes(self) -> None:
         """A checkpoint whose tensors do not have this config's shapes is another model."""
         for name in self.entries:
-            for sh in self._pieces(name):
+            for sh in stored_pieces(self.entries[name]):
                 have = self.stored.get(sh.key)
                 if have is None:
                     raise ConfigError(
@@ -112,16 +143,6 @@ class MegatronCheckpoint:
                         f"{self.path}: tensor {sh.key} has shape {tuple(have.size)} but config.yaml "
                         f"implies {tuple(sh.global_shape)}; config.yaml and model/ belong to different models"
                     )
-
-    def _pieces(self, name: str) -> list:
-        """The ShardedTensors stored for parameter `name` (a factory stores several)."""
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-        entry = self.entries[name]
-        if isinstance(entry, ShardedTensor):
-            return [entry]
-        built = entry.build()
-        return list(nested_values(built)) if isinstance(built, (dict, list)) else [built]
 
     def groups(self) -> "OrderedDict[str, list[str]]":
         """Tensor names by conversion group, in model order."""
@@ -149,7 +170,7 @@ class MegatronCheckpoint:
 
     def _read_region(self, sh) -> torch.Tensor:
         """ShardedTensor `sh`'s region of its key's global tensor, assembled from chunks."""
-        sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        sizes = chunk_size(sh)
         lo = tuple(sh.global_offset)
         for chunk in self.stored[sh.key].chunks:
             if (tuple(chunk.offsets), tuple(chunk.sizes)) == (lo, sizes):  # saved as one chunk:
@@ -182,3 +203,80 @@ class MegatronCheckpoint:
             return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
         except Exception as e:
             raise ConfigError(f"{self.model_dir}/{info.relative_path}: chunk of {key} is unreadable ({e})") from None
+
+
+class _PlannedSave(DefaultSavePlanner):
+    """torch.distributed.checkpoint's planner with the items given rather than found in a
+    state dict, and their data produced on request, in plan order."""
+
+    def __init__(self, items: list[WriteItem], resolve: Callable[[WriteItem], torch.Tensor | io.BytesIO]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.items, self.resolve = items, resolve
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self.items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        return self.resolve(write_item)
+
+
+def write_model(
+    model_dir: Path,
+    layout: tuple[dict, list[ShardedObject]],
+    tensor_for: Callable[[str, torch.Tensor], torch.Tensor],
+    progress: bool = True,
+) -> None:
+    """Write the dist_checkpointing folder of the one-process model whose `sharded_layout` is
+    `layout` and whose parameter `name` is `tensor_for(name, like)`, `like` a meta tensor of its
+    shape and dtype. Parameters are asked for one at a time, in model order, and dropped once
+    written; the folder is what megatron saves for that model, so it loads at any layout."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    entries, objects = layout
+    items: list[WriteItem] = []
+    blobs: dict[MetadataIndex, io.BytesIO] = {}
+    for obj in objects:  # megatron stores each object as a torch.save of [data]
+        index = MetadataIndex(obj.unique_key)
+        blobs[index] = io.BytesIO()
+        torch.save([obj.data], blobs[index])
+        items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
+    owner: dict[MetadataIndex, tuple[str, int]] = {}  # chunk -> (parameter, piece number)
+    for name, entry in entries.items():
+        for k, piece in enumerate(stored_pieces(entry)):
+            index = MetadataIndex(piece.key, torch.Size(piece.global_offset))
+            chunk = ChunkStorageMetadata(offsets=index.offset, sizes=torch.Size(chunk_size(piece)))
+            data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=piece.dtype),
+                                   size=torch.Size(piece.global_shape))
+            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
+            owner[index] = (name, k)
+
+    bar = tqdm(total=sum(e.data.numel() * e.data.element_size() for e in entries.values()),
+               unit="B", unit_scale=True, desc="checkpoint", disable=not progress)
+    current: dict[str, list[ShardedTensor]] = {}  # the one parameter in memory, as its pieces
+
+    def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if item.type == WriteItemType.BYTE_IO:
+            return blobs[item.index]
+        name, k = owner[item.index]
+        if name not in current:
+            entry = entries[name]
+            tensor = tensor_for(name, entry.data)
+            if tensor.shape != entry.data.shape or tensor.dtype != entry.data.dtype:
+                raise RuntimeError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                                   f"need {tuple(entry.data.shape)} {entry.data.dtype}")
+            current.clear()
+            current[name] = stored_pieces(entry, tensor)
+            bar.update(tensor.numel() * tensor.element_size())
+        piece = current[name][k]
+        return piece.data.reshape(chunk_size(piece))
+
+    model_dir.mkdir(parents=True)
+    # One thread and one file: the writer asks for chunks in plan order, one at a time.
+    writer = FileSystemWriter(str(model_dir), single_file_per_rank=True, thread_count=1)
+    save({}, storage_writer=writer, planner=_PlannedSave(items, resolve), no_dist=True)
+    bar.close()
+    torch.save({}, model_dir / COMMON_STATE_FNAME)  # no state outside the sharded tensors
+    save_config(CheckpointingConfig("torch_dist", 1), str(model_dir))

@@ -129,6 +129,16 @@ class MM1Output:
     z_loss: Optional[torch.Tensor]
 
 
+def vision_encoder(cfg: Config) -> VisionEncoder:
+    return VisionEncoder(vision_transformer_config(cfg), cfg.model.vision, cfg.model.layer_spec)
+
+
+def image_connector(cfg: Config) -> torch.nn.Module:
+    m = cfg.model
+    connector = build_connector(m.connector, m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size)
+    return connector.to(llm_transformer_config(cfg).params_dtype)
+
+
 class MM1Model(MegatronModule):
     def __init__(
         self,
@@ -149,10 +159,7 @@ class MM1Model(MegatronModule):
         self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
         self.vision = self.connector = None
         if pre_process:
-            self.vision = VisionEncoder(vision_transformer_config(cfg), m.vision, m.layer_spec)
-            self.connector = build_connector(
-                m.connector, m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size
-            ).to(llm_config.params_dtype)
+            self.vision, self.connector = vision_encoder(cfg), image_connector(cfg)
         self.llm = GPTModel(
             config=llm_config,
             transformer_layer_spec=llm_block_spec(llm_config, vp_stage=vp_stage, kind=m.layer_spec),
