@@ -160,6 +160,33 @@ def test_round_trip_is_bit_identical(work, kind):
             assert torch.equal(tensor, restored[name]), name
 
 
+@pytest.mark.parametrize("connector", ["avg-pool", "attn-pool"])
+def test_ablation_connectors_in_bf16(work, connector):
+    """MM1's two ablation connectors export through the remote modeling file; a bf16
+    checkpoint exports as bf16 and comes back bit-identical."""
+    import json
+
+    from safetensors import safe_open
+
+    from megatron_mm1.cli import main
+    from megatron_mm1.hf.export import to_hf
+    from megatron_mm1.hf.importer import from_hf
+
+    ckpt = work["root"] / connector
+    save_in_this_process("tiny", ckpt, [f"model.connector.type={connector}", "training.bf16=true"])
+    out = to_hf(ckpt, work["root"] / f"hf_{connector}", tokenizer=work["tokenizer"], progress=False)
+    assert json.loads((out / "config.json").read_text())["connector_type"] == connector
+    with safe_open(str(next(out.glob("model-*.safetensors"))), framework="pt") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
+    # The CLI's own parity check (both sides in fp32 with the same bf16 weights).
+    assert main(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(work["root"] / f"v_{connector}"),
+                 "--tokenizer", str(work["tokenizer"]), "--verify", "--quiet"]) == 0
+    back = from_hf(out, work["root"] / f"back_{connector}", progress=False)
+    original, restored = all_tensors(ckpt), all_tensors(back)
+    for name, tensor in original.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, restored[name]), name
+
+
 def test_native_llm_and_clip_import(work):
     from transformers import AutoModelForImageTextToText
 

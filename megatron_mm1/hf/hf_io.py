@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import re
@@ -31,6 +32,7 @@ DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 
 
 class ShardWriter:
@@ -98,7 +100,11 @@ class ShardWriter:
 
 class HFFolder:
     """A Hugging Face model folder: config.json and safetensors weights (one file or sharded
-    with an index). Every shard's header is checked on opening; tensors are read on demand."""
+    with an index). Every shard is checked on opening; tensors are read on demand.
+
+    Tensors are read with plain file reads into their own memory rather than through
+    safetensors' memory map, whose touched pages stay resident for as long as the file is
+    open: reading a whole folder through it costs memory up to the folder's size."""
 
     def __init__(self, folder: str | Path, what: str = "--hf"):
         self.path = Path(folder)
@@ -116,26 +122,31 @@ class HFFolder:
         else:
             raise ConfigError(f"{what} {self.path}: no {SINGLE} or {INDEX} (only safetensors weights are read)")
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-        self.handles = {}
-        self.where: dict[str, str] = {}
+        self.where: dict[str, tuple[Path, int, dict]] = {}  # name -> file, data start, header entry
         for file in files:
             path = self.path / file
             if not path.is_file():
                 raise ConfigError(f"{what} {self.path}: shard {file} listed in {INDEX} is missing")
-            self.handles[file] = self._open(path)
-            self.where.update({name: file for name in self.handles[file].keys()})
+            self.where.update({name: (path, *entry) for name, entry in self._header(path).items()})
         if weight_map:
-            absent = sorted(n for n, f in weight_map.items() if self.where.get(n) != f)
+            absent = sorted(n for n, f in weight_map.items() if n not in self.where or self.where[n][0].name != f)
             if absent:
                 raise ConfigError(f"{what} {self.path}: {len(absent)} tensors of {INDEX} are not in their shard, e.g. {absent[0]}")
 
     @staticmethod
-    def _open(path: Path):
-        # safe_open validates the header against the file size, so a truncated file fails here.
+    def _header(path: Path) -> dict[str, tuple[int, dict]]:
+        """name -> (where the data starts, header entry), after safetensors has validated the
+        header against the file size (a truncated file fails here)."""
         try:
-            return safe_open(str(path), framework="pt")
+            with safe_open(str(path), framework="pt"):
+                pass
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{path} is not a complete safetensors file ({e})") from None
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {name: (8 + length, entry) for name, entry in header.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -146,7 +157,19 @@ class HFFolder:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConfigError(f"{self.path}: no tensor {name}")
-        try:
-            return self.handles[self.where[name]].get_tensor(name)
-        except SafetensorError as e:
-            raise ConfigError(f"{self.path}/{self.where[name]}: cannot read {name} ({e})") from None
+        path, start, entry = self.where[name]
+        if entry["dtype"] not in TORCH_DTYPES:
+            raise ConfigError(f"{path}: {name} has dtype {entry['dtype']}, which conversion does not read")
+        out = torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return out
+        # Read straight into the tensor's memory (not through numpy, which would pin its
+        # storage: the checkpoint writer frees each parameter's storage once written).
+        buffer = (ctypes.c_char * (end - begin)).from_address(out.data_ptr())
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            n = f.readinto(buffer)
+        if n != end - begin:
+            raise ConfigError(f"{path}: cannot read {name} ({n} of {end - begin} bytes)")
+        return out

@@ -229,8 +229,9 @@ def write_model(
 ) -> None:
     """Write the dist_checkpointing folder of the one-process model whose `sharded_layout` is
     `layout` and whose parameter `name` is `tensor_for(name, like)`, `like` a meta tensor of its
-    shape and dtype. Parameters are asked for one at a time, in model order, and dropped once
-    written; the folder is what megatron saves for that model, so it loads at any layout."""
+    shape and dtype. Parameters are asked for one at a time, in model order, and their memory
+    is freed once written (`tensor_for` must return a tensor nothing else uses); the folder is
+    what megatron saves for that model, so it loads at any layout."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
     from torch.distributed.checkpoint import FileSystemWriter, save
@@ -262,12 +263,19 @@ def write_model(
             return blobs[item.index]
         name, k = owner[item.index]
         if name not in current:
+            for pieces in current.values():
+                # torch's writer keeps the last chunk of every key it wrote until the file is
+                # closed (for its safetensors format), which would hold the largest parameters
+                # to the end: free the memory itself, before reading the next parameter.
+                storage = pieces[0].data.untyped_storage()
+                if storage.resizable():
+                    storage.resize_(0)
+            current.clear()
             entry = entries[name]
             tensor = tensor_for(name, entry.data)
             if tensor.shape != entry.data.shape or tensor.dtype != entry.data.dtype:
                 raise RuntimeError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, "
                                    f"need {tuple(entry.data.shape)} {entry.data.dtype}")
-            current.clear()
             current[name] = stored_pieces(entry, tensor)
             bar.update(tensor.numel() * tensor.element_size())
         piece = current[name][k]
