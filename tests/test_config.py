@@ -79,10 +79,17 @@ TARGETS = {
 }
 
 
+def params_json(capsys, *argv: str) -> dict:
+    """`mm1 params --json` in this process (the CLI's start-up is tested separately)."""
+    from megatron_mm1.cli import main
+
+    assert main(["params", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("preset", sorted(TARGETS))
-def test_params_meet_size_targets(preset):
-    proc = run([sys.executable, "-m", "megatron_mm1.cli", "params", "--config", preset, "--json"])
-    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_params_meet_size_targets(preset, capsys):
+    counts = params_json(capsys, "--config", preset)
     assert set(counts) == {"total", "llm", "vision", "connector", "active"}
     assert all(isinstance(v, int) for v in counts.values())
     field, target = TARGETS[preset]
@@ -101,15 +108,13 @@ def test_cli_help_lists_subcommands():
         assert command in proc.stdout
 
 
-def test_named_vision_encoders():
+def test_named_vision_encoders(capsys):
     cfg = load_config("mm1-3b", ["model.vision=vit-l-14-336"])
     assert (cfg.model.vision.image_size, cfg.model.vision.num_patches) == (336, 576)
     validate(cfg)
     with pytest.raises(ConfigError, match="unknown encoder 'vit-g'"):
         load_config("mm1-3b", ["model.vision=vit-g"])
-    proc = run([sys.executable, "-m", "megatron_mm1.cli", "params", "--config", "mm1-3b",
-                "--set", "model.vision=vit-l-14-336", "--json"])
-    vision = json.loads(proc.stdout.strip().splitlines()[-1])["vision"]
+    vision = params_json(capsys, "--config", "mm1-3b", "--set", "model.vision=vit-l-14-336")["vision"]
     assert abs(vision - 303.5e6) / 303.5e6 < 0.01  # CLIP ViT-L/14 at 336 (24 layers)
     refined = load_config("mm1-3b", ["model.vision.feature_layer=-2"])
     assert (refined.model.vision.hidden_size, refined.model.vision.feature_layer) == (1280, -2)

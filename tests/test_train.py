@@ -52,21 +52,31 @@ def losses(out):
     return {r["step"]: r["loss"] for r in rows(out)}
 
 
-@pytest.mark.parametrize(
-    "config, nproc, layout",
-    [("tiny", 4, TP2PP2), ("tiny-moe", 2, EP2)],
-    ids=["dense-tp2pp2", "moe-ep2"],
-)
-def test_exact_resume(data, tmp_path, config, nproc, layout):
-    steps = 4
-    train(data, tmp_path / "whole", steps, nproc, layout, config)
-    train(data, tmp_path / "split", steps, nproc, [*layout, "training.exit_after_steps=2"], config, expect=75)
-    assert [r["step"] for r in rows(tmp_path / "split")] == [1, 2]
-    train(data, tmp_path / "split", steps, nproc, layout, config, resume="auto")
-    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
-    assert list(split) == [1, 2, 3, 4]
-    assert split == whole  # bit-identical, not merely close
-    assert whole[4] < whole[1]
+@pytest.fixture(scope="module")
+def dense_tp2pp2_run(data, tmp_path_factory):
+    """4 uninterrupted steps at TP2 x PP2 with SP and the distributed optimizer."""
+    out = tmp_path_factory.mktemp("dense-tp2pp2")
+    train(data, out, 4, 4, TP2PP2)
+    return out
+
+
+def check_exact_resume(data, whole, split, config, nproc, layout) -> None:
+    """Stop after step 2 (as a requeued job does), resume: the same 4 losses, bit for bit."""
+    train(data, split, 4, nproc, [*layout, "training.exit_after_steps=2"], config, expect=75)
+    assert [r["step"] for r in rows(split)] == [1, 2]
+    train(data, split, 4, nproc, layout, config, resume="auto")
+    assert list(losses(split)) == [1, 2, 3, 4]
+    assert losses(split) == losses(whole)  # bit-identical, not merely close
+    assert losses(whole)[4] < losses(whole)[1]
+
+
+def test_exact_resume_dense_tp2pp2(data, tmp_path, dense_tp2pp2_run):
+    check_exact_resume(data, dense_tp2pp2_run, tmp_path / "split", "tiny", 4, TP2PP2)
+
+
+def test_exact_resume_moe_ep2(data, tmp_path):
+    train(data, tmp_path / "whole", 4, 2, EP2, "tiny-moe")
+    check_exact_resume(data, tmp_path / "whole", tmp_path / "split", "tiny-moe", 2, EP2)
 
 
 def test_resume_at_another_layout(data, tmp_path):
@@ -75,24 +85,25 @@ def test_resume_at_another_layout(data, tmp_path):
     train(data, tmp_path / "a", 4, 4, [*TP2PP2, *sets])
     ckpt2 = tmp_path / "a" / "checkpoints" / "step_0000002"
     assert ckpt2.is_dir()
-    train(data, tmp_path / "b", 4, 1, sets, resume=str(ckpt2))  # TP1 x PP1
+    train(data, tmp_path / "b", 5, 1, sets, resume=str(ckpt2))  # TP1 x PP1
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(b) == [3, 4]
+    assert list(b) == [3, 4, 5]
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=0), (step, a, b)
     # ... and back: TP1 x PP1 -> TP2 x PP2.
-    ckpt3 = tmp_path / "b" / "checkpoints" / "step_0000004"
-    train(data, tmp_path / "c", 5, 4, [*TP2PP2, *sets], resume=str(ckpt3))
-    train(data, tmp_path / "b", 5, 1, sets, resume="auto")
-    assert losses(tmp_path / "c")[5] == pytest.approx(losses(tmp_path / "b")[5], rel=1e-5, abs=0)
+    ckpt4 = tmp_path / "b" / "checkpoints" / "step_0000004"
+    train(data, tmp_path / "c", 5, 4, [*TP2PP2, *sets], resume=str(ckpt4))
+    assert losses(tmp_path / "c")[5] == pytest.approx(b[5], rel=1e-5, abs=0)
 
-    # The distributed optimizer's state does not reshard over TP/PP: a clear refusal.
-    train(data, tmp_path / "d", 2, 4, TP2PP2)
-    proc = train(data, tmp_path / "e", 3, 1, resume=str(tmp_path / "d" / "checkpoints" / "step_0000002"), expect=2)
+
+def test_distributed_optimizer_state_is_refused_at_another_layout(data, tmp_path, dense_tp2pp2_run):
+    # The distributed optimizer's state does not reshard over TP/PP: a clear refusal, and the
+    # weights alone load.
+    ckpt = str(dense_tp2pp2_run / "checkpoints" / "step_0000004")
+    proc = train(data, tmp_path, 5, 1, resume=ckpt, expect=2)
     assert "checkpoint.load_optimizer=false" in proc.stderr
-    train(data, tmp_path / "e", 3, 1, ["checkpoint.load_optimizer=false"],
-          resume=str(tmp_path / "d" / "checkpoints" / "step_0000002"))
-    assert list(losses(tmp_path / "e")) == [3]
+    train(data, tmp_path, 5, 1, ["checkpoint.load_optimizer=false"], resume=ckpt)
+    assert list(losses(tmp_path)) == [5]
 
 
 def _wait_for(predicate, timeout=180.0):

@@ -28,7 +28,7 @@ from megatron_mm1.config import Config, ConfigError, _build, _merge, config_to_d
 from megatron_mm1.hf.export import staging_dir
 from megatron_mm1.hf.hf_io import HFFolder
 from megatron_mm1.hf.mapping import (
-    CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap, group_of,
+    CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap,
     llm_fields_from_hf, vision_fields_from_hf,
 )
 from megatron_mm1.hf.megatron_io import sharded_layout, single_process, write_model
