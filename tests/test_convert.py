@@ -239,6 +239,16 @@ def test_cli_verify(work, capsys):
     assert main(["convert", "to-hf", "--checkpoint", str(work["root"] / "moe"), "--out", str(out),
                  "--verify", "--quiet"]) == 0
     assert '"top1_agreement": 1.0' in capsys.readouterr().out
+    # ... and the check sees a wrong export: one attention output projection perturbed.
+    from safetensors.torch import load_file, save_file
+
+    from megatron_mm1.hf.verify import verify
+
+    (shard,) = out.glob("model-*.safetensors")
+    tensors = load_file(shard)
+    tensors["language_model.model.layers.0.self_attn.o_proj.weight"] += 0.05
+    save_file(tensors, shard, metadata={"format": "pt"})
+    assert verify(work["root"] / "moe", out)["max_abs_diff"] > MAX_ABS_DIFF
 
 
 def assert_refused(argv, message, out: Path, capsys) -> None:

@@ -58,6 +58,15 @@ def job_info(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
 
+def describe(job_id: str, out: Path) -> str:
+    """What a failed wait shows: the job's state and reason, the nodes, the job's logs."""
+    info = job_info(job_id)
+    fields = " ".join(f"{k}={info.get(k)}" for k in ("JobState", "Reason", "Restarts", "RunTime", "NodeList"))
+    nodes = subprocess.run(["sinfo", "-N", "-h", "-o", "%N %t %E"], capture_output=True, text=True).stdout
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((out / "logs").glob("*")))
+    return f"job {job_id}: {fields}\nnodes:\n{nodes}logs:\n{logs}"
+
+
 def wait_job(job_id: str, out: Path, timeout: float = 360) -> dict[str, str]:
     end = time.time() + timeout
     while time.time() < end:
@@ -65,8 +74,7 @@ def wait_job(job_id: str, out: Path, timeout: float = 360) -> dict[str, str]:
         if info.get("JobState") in FINAL_STATES:
             return info
         time.sleep(1)
-    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((out / "logs").glob("*")))
-    pytest.fail(f"job {job_id} did not end within {timeout}s: {job_info(job_id)}\n{logs}")
+    pytest.fail(f"did not end within {timeout}s: {describe(job_id, out)}")
 
 
 def submit(data: Path, out: Path, *extra: str) -> str:
@@ -113,7 +121,7 @@ def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
     job_id = submit(data, out)
     end = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
-        assert time.time() < end and job_info(job_id)["JobState"] not in FINAL_STATES, job_info(job_id)
+        assert time.time() < end and job_info(job_id)["JobState"] not in FINAL_STATES, describe(job_id, out)
         time.sleep(0.2)
     # What Slurm does SIGNAL_SECONDS before the time limit (--signal=B:USR1@N), now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=60)
@@ -121,7 +129,7 @@ def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
     end = time.time() + 300
     while job_info(job_id).get("Restarts", "0") == "0" or job_info(job_id)["JobState"] != "PENDING":
         info = job_info(job_id)
-        assert time.time() < end and info["JobState"] not in FINAL_STATES, (info, log(out, job_id, 0)[-3000:])
+        assert time.time() < end and info["JobState"] not in FINAL_STATES, describe(job_id, out)
         time.sleep(0.5)
     # ... once the old allocation is cleaned up on both nodes, and in a later second than the
     # requeue (slurmd refuses job credentials issued in the second the job was killed).

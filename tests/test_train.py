@@ -133,6 +133,16 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass  # it ended between listing and signalling
 
 
+def _freeze_tree(pid: int) -> list[int]:
+    """SIGSTOP `pid` and all its descendants, including any forked while stopping them (a
+    stopped process forks no more, so the listing ends); returns them all."""
+    stopped: list[int] = []
+    while new := [p for p in [pid, *_descendants(pid)] if p not in stopped]:
+        _signal_all(new, signal.SIGSTOP)
+        stopped += new
+    return stopped
+
+
 def _start(cmd):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -173,8 +183,7 @@ def test_kill_during_save_never_leaves_a_half_checkpoint(data, tmp_path):
     # because a save can finish between seeing its folder and stopping the processes.
     for _ in range(20):
         assert _wait_for(save_in_flight)
-        pids = [proc.pid, *_descendants(proc.pid)]
-        _signal_all(pids, signal.SIGSTOP)
+        pids = _freeze_tree(proc.pid)
         if save_in_flight():
             break
         _signal_all(pids, signal.SIGCONT)
