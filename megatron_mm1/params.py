@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
-from megatron_mm1.config import Config, ParallelConfig, validate
+from megatron_mm1.config import Config
 
 
 def count_parameters(cfg: Config) -> dict[str, int]:
@@ -14,26 +13,16 @@ def count_parameters(cfg: Config) -> dict[str, int]:
     # keeps megatron-core's initialisation off the GPU (it would allocate there explicitly).
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
-    from megatron.core import parallel_state
 
-    from megatron_mm1 import cpu_compat
     from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.runtime import shutdown, single_process
 
-    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
-    validate(cfg, world_size=1)
-    cpu_compat.enable()
-    created_group = not torch.distributed.is_initialized()
-    if created_group:
-        store = torch.distributed.HashStore()
-        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
+    single = single_process(cfg)
     try:
         with torch.device("meta"):
-            model = MM1Model(cfg)
+            model = MM1Model(single)
     finally:
-        parallel_state.destroy_model_parallel()
-        if created_group:
-            torch.distributed.destroy_process_group()
+        shutdown()
 
     def size(module) -> int:
         return sum(p.numel() for p in module.parameters())

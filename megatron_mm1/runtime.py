@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import warnings
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_mm1.config import Config, ConfigError, validate
+from megatron_mm1.config import Config, ConfigError, ParallelConfig, validate
 
 
 @dataclass
@@ -93,3 +94,14 @@ def shutdown() -> None:
         torch.distributed.barrier()
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+
+
+def single_process(cfg: Config) -> Config:
+    """Start megatron-core in this process alone at TP = PP = EP = 1 (model building on the
+    meta device, conversion, parameter counts) and return that config."""
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
+    # An earlier start in this process: end its process groups, not only megatron's view of
+    # them (every gloo group keeps threads of its own until destroyed).
+    shutdown()
+    init_runtime(cfg)
+    return cfg

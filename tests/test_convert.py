@@ -4,6 +4,7 @@ gloo processes, converted in this process, compared with transformers.
 This file is also the torchrun worker that saves those checkpoints (`save` mode, at the end).
 """
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -46,9 +47,22 @@ def work(tmp_path_factory):
         save_in_this_process(config, root / kind, overrides)
     yield {"root": root, "tokenizer": tokenizer}
     # Conversions start megatron-core in this process; later test modules start their own.
-    from megatron.core import parallel_state
+    from megatron_mm1.runtime import shutdown
 
-    parallel_state.destroy_model_parallel()
+    shutdown()
+
+
+def test_repeated_starts_leave_no_process_groups_behind():
+    """Each conversion restarts the one-process runtime; gloo groups left alive keep threads
+    of their own (a few dozen per start), which slowed long-lived processes to a crawl."""
+    from megatron_mm1.config import load_config
+    from megatron_mm1.runtime import single_process
+
+    single_process(load_config("tiny"))
+    threads = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        single_process(load_config("tiny"))
+    assert len(os.listdir("/proc/self/task")) <= threads
 
 
 def export(work, kind: str, **kwargs) -> Path:
@@ -66,7 +80,7 @@ def reference_model(ckpt: Path):
     import dataclasses
 
     from megatron_mm1.checkpoint import load_checkpoint_config, load_model
-    from megatron_mm1.hf.megatron_io import single_process
+    from megatron_mm1.runtime import single_process
     from megatron_mm1.models.mm1 import MM1Model
 
     cfg = load_checkpoint_config(ckpt)
@@ -322,7 +336,7 @@ def perturb_and_save(cfg, model: list, out: Path) -> None:
 
 def save_in_this_process(config: str, out: Path, overrides: list[str]) -> None:
     from megatron_mm1.config import load_config
-    from megatron_mm1.hf.megatron_io import single_process
+    from megatron_mm1.runtime import single_process
     from megatron_mm1.models.mm1 import MM1Model
 
     cfg = load_config(config, overrides)

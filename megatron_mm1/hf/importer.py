@@ -31,8 +31,9 @@ from megatron_mm1.hf.mapping import (
     CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap,
     llm_fields_from_hf, vision_fields_from_hf,
 )
-from megatron_mm1.hf.megatron_io import sharded_layout, single_process, write_model
+from megatron_mm1.hf.megatron_io import sharded_layout, write_model
 from megatron_mm1.models.mm1 import image_connector, vision_encoder
+from megatron_mm1.runtime import single_process
 
 # Parts a conversion may have no weights for, and how they are initialised instead.
 FRESH_PARTS = {"vision": vision_encoder, "connector": image_connector}

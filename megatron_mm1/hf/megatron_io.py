@@ -32,21 +32,9 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from tqdm import tqdm
 
 from megatron_mm1.checkpoint import load_checkpoint_config, model_sharded_state_dict
-from megatron_mm1.config import Config, ConfigError, ParallelConfig
+from megatron_mm1.config import Config, ConfigError
 from megatron_mm1.hf.mapping import group_of
-
-
-def single_process(cfg: Config) -> Config:
-    """Start megatron-core in this process at TP = PP = EP = 1 and return that config."""
-    from megatron.core import parallel_state
-
-    from megatron_mm1.runtime import init_runtime
-
-    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()  # an earlier conversion in this process
-    init_runtime(cfg)
-    return cfg
+from megatron_mm1.runtime import single_process
 
 
 def check_shards(model_dir: Path):
