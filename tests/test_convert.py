@@ -80,8 +80,8 @@ def reference_model(ckpt: Path):
     import dataclasses
 
     from megatron_mm1.checkpoint import load_checkpoint_config, load_model
-    from megatron_mm1.runtime import single_process
     from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.runtime import single_process
 
     cfg = load_checkpoint_config(ckpt)
     cfg = single_process(dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False)))
@@ -336,8 +336,8 @@ def perturb_and_save(cfg, model: list, out: Path) -> None:
 
 def save_in_this_process(config: str, out: Path, overrides: list[str]) -> None:
     from megatron_mm1.config import load_config
-    from megatron_mm1.runtime import single_process
     from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.runtime import single_process
 
     cfg = load_config(config, overrides)
     perturb_and_save(cfg, [MM1Model(single_process(cfg))], out)
