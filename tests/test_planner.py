@@ -2,13 +2,14 @@
 stages) and EP2 (real gloo processes; this file is also the torchrun worker), every proposed
 layout passes config.validate, and the acceptance plans find layouts that fit.
 
-  torchrun --nproc-per-node 2 tests/test_planner.py
+  torchrun --nproc-per-node 2 tests/test_planner.py OUT_DIR
 
 Per-GPU memory is a model and cannot be checked without a GPU.
 """
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,9 @@ LAYOUTS = [
 ]
 
 
-def worker() -> None:
-    """Build each layout's real model on this rank and print its counts beside the planner's."""
+def worker(out_dir: Path) -> None:
+    """Build each layout's real model on this rank and write its counts beside the planner's to
+    OUT_DIR/rank{N}.jsonl (one file per rank: two ranks' lines on one pipe can interleave)."""
     import torch
     from megatron.core import parallel_state
 
@@ -37,6 +39,7 @@ def worker() -> None:
     from megatron_mm1.runtime import init_runtime, quiet_third_party_warnings, shutdown
 
     quiet_third_party_warnings()
+    rows = []
     for config, overrides in LAYOUTS:
         cfg = load_config(config, overrides)
         init_runtime(cfg)
@@ -47,18 +50,19 @@ def worker() -> None:
             "expert": sum(p.numel() for n, p in named if ".experts." in n),
         }
         planned = rank_parameters(cfg, parallel_state.get_pipeline_model_parallel_rank())
-        row = {"config": config, "overrides": overrides, "rank": torch.distributed.get_rank(),
-               "real": real, "planned": planned}
-        print("PARAMS " + json.dumps(row), flush=True)
+        rows.append({"config": config, "overrides": overrides, "rank": torch.distributed.get_rank(),
+                     "real": real, "planned": planned})
         parallel_state.destroy_model_parallel()
+    rank = torch.distributed.get_rank()
     shutdown()
+    (out_dir / f"rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_parameters_per_rank_equal_real_models():
+def test_parameters_per_rank_equal_real_models(tmp_path):
     from conftest import torchrun
 
-    proc = torchrun(2, "tests/test_planner.py", timeout=300)
-    rows = [json.loads(l[len("PARAMS "):]) for l in proc.stdout.splitlines() if l.startswith("PARAMS ")]
+    torchrun(2, "tests/test_planner.py", str(tmp_path), timeout=300)
+    rows = [json.loads(line) for f in sorted(tmp_path.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
     assert len(rows) == 2 * len(LAYOUTS)
     for row in rows:
         assert row["real"]["total"] == row["planned"]["total"], row
@@ -109,5 +113,5 @@ def test_memory_falls_with_model_parallelism_and_recomputation():
 
 
 if __name__ == "__main__":
-    worker()
+    worker(Path(sys.argv[1]))
     sys.exit(0)
