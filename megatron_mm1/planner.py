@@ -152,39 +152,81 @@ def rank_parameters(cfg: Config, pp_rank: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------- memory
 
 
-def _layer_activation_bytes(cfg: Config, moe_layer: bool) -> float:
-    """Bytes one LLM layer keeps for backward, per token of a micro-batch (bf16 tensors)."""
+def layer_activation_bytes(cfg: Config, moe_layer: bool) -> dict[str, float]:
+    """Bytes one LLM layer keeps for backward per token of a micro-batch, by the layer's
+    submodule whose operations keep them (bf16 activations, fp32 statistics). Each term is a
+    tensor that real layers save; tests/test_planner.py compares the sums with the saved
+    tensors of real layers. The attention mask, shared by all layers, is `mask_bytes`."""
     llm, moe, p = cfg.model.llm, cfg.model.moe, cfg.parallel
+    fast = cfg.model.layer_spec == "fast"
     tp = p.tensor_model_parallel_size
-    etp = p.expert_tensor_parallel_size or tp
-    h, s, d = llm.hidden_size, cfg.data.seq_length, llm.hidden_size // llm.num_attention_heads
-    q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
-    seq = 4 * h / (tp if p.sequence_parallel else 1)  # two norm inputs and outputs
-    attn = (q + 2 * kv + q) / tp  # Q, K, V and the attention output
-    if cfg.model.layer_spec == "local":
-        # Unfused: the [heads, s, s] probabilities, unless selective recomputation rebuilds them.
-        attn += 0 if cfg.training.recompute_llm == "selective" else llm.num_attention_heads / tp * s
+    sp = tp if p.sequence_parallel else 1  # the norms' side of the layer holds s / TP tokens
+    h, s, heads = llm.hidden_size, cfg.data.seq_length, llm.num_attention_heads
+    d = h // heads
+    q, kv = heads * d, llm.num_query_groups * d
+    norm = (2 * h + 4) / sp  # input, fp32 1/rms (one fused or compiled kernel)
+    # The norm's output (QKV input), RoPE's cos and sin for Q and K, the output projection's input.
+    attention = 2 * h / sp + 4 * 2 * d + 2 * q / tp
+    if fast or cfg.training.recompute_llm == "selective":
+        # The QKV output (V is a view of it), rotated Q and K; SDPA also keeps its logsumexp.
+        # (Selective recomputation keeps the same core-attention inputs, and rebuilds the rest.)
+        attention += 2 * (q + 2 * kv) / tp + 2 * q / tp + 2 * kv / tp + (4 * heads / tp if fast else 0)
     else:
-        attn += s / 2  # SDPA keeps this layer's boolean [s, s] mask (1 byte) for backward
+        # Q, K and V as [b * heads, s, d] (K and V repeated to all heads for grouped queries;
+        # without groups V stays a view of the QKV output) and the probabilities twice: the
+        # fp32 softmax output and its bf16 copy.
+        v = 2 * q / tp if kv < q else 2 * (q + 2 * kv) / tp
+        attention += 2 * q / tp + 2 * q / tp + v + 6 * heads * s / tp
     if moe_layer:
         f = moe.ffn_hidden_size or llm.ffn_hidden_size
-        mlp = moe.router_topk * (2 * h + 3 * f / etp) + 2 * moe.num_experts  # + fp32 router logits
+        etp = p.expert_tensor_parallel_size or tp
+        e, k = moe.num_experts, moe.router_topk
+        router = (13 * e + 28 * k + 4) / sp  # fp32 logits, probabilities, routing map, indices
+        # Each token goes to k experts: its copy of the input, its fp32 weight, then per expert
+        # the FC1 output and the SwiGLU output (FC2's input); eager SwiGLU keeps three more.
+        # The dispatcher gathers the sequence that SP split over TP back over the expert-TP
+        # group, so this rank's experts see k * etp / sp copies per token on average.
+        per_copy = 2 * h + 4 + (6 * f if fast else 12 * f) / etp
+        mlp = 2 * h / sp + router + k * etp / sp * per_copy
     else:
-        mlp = 3 * llm.ffn_hidden_size / tp  # gate/up output and SwiGLU output
-    return 2.0 * (seq + attn + mlp)
+        f = llm.ffn_hidden_size
+        # FC1's input and output and the SwiGLU output; eager SwiGLU keeps two more.
+        mlp = 2 * h / sp + (6 * f if fast else 10 * f) / tp
+    return {"input_layernorm": norm, "self_attention": attention, "pre_mlp_layernorm": norm, "mlp": mlp}
+
+
+def mask_bytes(cfg: Config) -> float:
+    """Bytes per token of the attention mask all layers share: megatron's boolean [s, s], or the
+    fast spec's additive bf16 one."""
+    return (2 if cfg.model.layer_spec == "fast" else 1) * cfg.data.seq_length
+
+
+def vision_layer_activation_bytes(cfg: Config) -> dict[str, float]:
+    """Bytes one ViT layer keeps for backward per token (patch or CLS) of an image, as above."""
+    v, tp = cfg.model.vision, cfg.parallel.tensor_model_parallel_size
+    w, heads, tokens = v.hidden_size, v.num_attention_heads, v.num_patches + 1
+    norm = 2 * w + 8  # LayerNorm: input, fp32 mean and 1/std
+    # The QKV input and output (Q, K, V are views of it), the output projection's input; SDPA's
+    # logsumexp or the local spec's fp32 and bf16 probabilities.
+    attention = 2 * w + 6 * w / tp + 2 * w / tp
+    attention += 4 * heads / tp if cfg.model.layer_spec == "fast" else 6 * heads * tokens / tp
+    mlp = 2 * w + 4 * v.ffn_hidden_size / tp  # FC1's input, QuickGELU's input (compiled) and output
+    return {"input_layernorm": norm, "self_attention": attention, "pre_mlp_layernorm": norm, "mlp": mlp}
+
+
+def connector_activation_bytes(cfg: Config, images: int) -> float:
+    """About what the connector keeps for backward: twelve bf16 feature maps per RegNet
+    bottleneck (convs, norms, activations, squeeze-excitation); within 20% of real ones."""
+    v, c = cfg.model.vision, cfg.model.connector
+    return 2.0 * images * 12 * c.depth * c.hidden_size * (v.num_patches + c.num_image_tokens)
 
 
 def _vision_activation_bytes(cfg: Config, images: int) -> float:
     """Bytes the vision encoder and connector keep for backward for `images` images."""
-    v, c, tp = cfg.model.vision, cfg.model.connector, cfg.parallel.tensor_model_parallel_size
-    w, t = v.hidden_size, v.num_patches + 1
-    per_token = 4 * w + (3 * w + w + 2 * v.ffn_hidden_size) / tp
-    if cfg.model.layer_spec == "local":
-        per_token += v.num_attention_heads / tp * t
-    encoder = 2.0 * images * t * v.num_layers_used * per_token
-    # About twelve feature maps per RegNet bottleneck (convs, norms, activations, SE).
-    connector = 2.0 * images * 12 * c.depth * c.hidden_size * (v.num_patches + c.num_image_tokens)
-    return encoder + connector
+    v = cfg.model.vision
+    tokens = images * (v.num_patches + 1)
+    encoder = tokens * v.num_layers_used * sum(vision_layer_activation_bytes(cfg).values())
+    return encoder + connector_activation_bytes(cfg, images)
 
 
 def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dict[str, float]:
@@ -207,7 +249,10 @@ def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dic
             params["dense"] / layout.dp + params["expert"] / expert_dp if distributed_optimizer else params["total"]
         )
         layers = [i for v in range(vpp) for i in _chunk_layers(cfg, stage, v)]
-        per_mb = [_layer_activation_bytes(cfg, moe.num_experts > 0 and i % moe.layer_freq == 0) for i in layers]
+        per_mb = [
+            sum(layer_activation_bytes(cfg, moe.num_experts > 0 and i % moe.layer_freq == 0).values())
+            for i in layers
+        ]
         if layout.recompute == "full":
             # Only each layer's input is kept; one layer's activations are rebuilt at a time.
             kept = 2.0 * llm.hidden_size / layout.tp * len(layers) + max(per_mb)  # SP at TP > 1
@@ -217,7 +262,7 @@ def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dic
         # holds (pp - stage - 1) * 2 + (vpp - 1) * pp + 1 chunks, each 1/vpp of the stage.
         in_flight = layout.pp - stage if vpp == 1 else ((layout.pp - stage - 1) * 2 + (vpp - 1) * layout.pp + 1) / vpp
         in_flight = min(in_flight, micro_batches)
-        activations = tokens * kept * in_flight
+        activations = tokens * (kept + mask_bytes(cfg)) * in_flight
         if stage == 0:
             images = layout.micro_batch * images_per_sequence
             activations += _vision_activation_bytes(cfg, images) * min(layout.pp, micro_batches)

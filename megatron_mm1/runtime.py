@@ -89,11 +89,15 @@ def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
 
 def shutdown() -> None:
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+    # MoE losses are logged per layer in a global sized by the first model that logs; the next
+    # runtime's model may have more layers.
+    get_moe_layer_wise_logging_tracker().clear()
 
 
 def single_process(cfg: Config) -> Config:

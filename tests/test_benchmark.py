@@ -21,7 +21,7 @@ PEAK = 0.05  # TFLOP/s: a CPU has no table entry, so the test states one
 @pytest.fixture(scope="module")
 def reports():
     proc = run([sys.executable, "-m", "megatron_mm1.cli", "benchmark", "--config", "tiny",
-                "--layouts", "tp1,pp2", "--steps", "3", "--warmup", "1", "--images-per-seq", str(IMAGES),
+                "--layouts", "tp1,pp2", "--specs", "local,fast", "--steps", "3", "--warmup", "1", "--images-per-seq", str(IMAGES),
                 "--peak-tflops", str(PEAK), "--json"], timeout=400)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -42,7 +42,8 @@ def test_report_counts_the_synthetic_batch(reports):
 
 
 def test_report_rates_and_mfu_are_consistent(reports):
-    assert [r["layout"]["world_size"] for r in reports] == [1, 2]
+    assert [r["layout"]["world_size"] for r in reports] == [1, 1, 2, 2]
+    assert [r["config"]["layer_spec"] for r in reports] == ["local", "fast"] * 2
     for r in reports:
         t, world = r["step_time_s"], r["layout"]["world_size"]
         assert len(r["step_times_s"]) == r["steps"] == 3
@@ -57,7 +58,7 @@ def test_report_rates_and_mfu_are_consistent(reports):
         assert b["vision_forward"] > 0 and b["vision_backward"] > 0 and b["llm_forward"] > 0
         assert b["optimizer"] > 0 and b["llm_backward_and_comm"] > 0
     table = markdown(reports)
-    assert table.count("\n") == 3 and "| tp1pp2dp1 | 2 |" in table
+    assert table.count("\n") == 5 and "| tp1pp2dp1 | fast | 2 |" in table
 
 
 def test_no_mfu_on_cpu_without_a_stated_peak():
@@ -80,3 +81,9 @@ def test_refuses_bad_layout_and_mix_before_starting():
                 "--layouts", "tp3", "--images-per-seq", "99"], check=False)
     assert proc.returncode == 2
     assert "tensor_model_parallel_size=3" in proc.stderr
+
+
+def test_refuses_unknown_spec_before_starting():
+    proc = run([sys.executable, "-m", "megatron_mm1.cli", "benchmark", "--config", "tiny",
+                "--specs", "local,flash"], check=False)
+    assert proc.returncode == 2 and "model.layer_spec='flash' is unknown" in proc.stderr

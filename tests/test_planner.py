@@ -1,10 +1,11 @@
 """The layout planner: per-rank parameter counts equal real models' at TP2, PP2 (with virtual
-stages) and EP2 (real gloo processes; this file is also the torchrun worker), every proposed
-layout passes config.validate, and the acceptance plans find layouts that fit.
+stages) and EP2 (real gloo processes; this file is also the torchrun worker); the activation
+bytes it assumes per layer equal what real layers save for backward; every proposed layout
+passes config.validate, and the acceptance plans find layouts that fit.
 
   torchrun --nproc-per-node 2 tests/test_planner.py OUT_DIR
 
-Per-GPU memory is a model and cannot be checked without a GPU.
+The GPU's own share of memory (allocator, NCCL, CUDA context) needs a GPU to check.
 """
 
 import json
@@ -14,11 +15,21 @@ from pathlib import Path
 import pytest
 
 from megatron_mm1.config import load_config, validate
-from megatron_mm1.planner import GPUS, apply_layout, plan, rank_parameters
+from megatron_mm1.planner import (
+    GPUS,
+    apply_layout,
+    connector_activation_bytes,
+    layer_activation_bytes,
+    mask_bytes,
+    plan,
+    rank_parameters,
+    vision_layer_activation_bytes,
+)
 
 # (config, overrides) built at 2 processes; EP2 needs DP2 for its expert layout.
 LAYOUTS = [
     ("tiny", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
+    ("tiny", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.layer_spec=fast"]),
     ("tiny", ["parallel.pipeline_model_parallel_size=2"]),
     ("tiny", ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
     ("tiny-moe", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
@@ -30,18 +41,21 @@ LAYOUTS = [
 
 
 def worker(out_dir: Path) -> None:
-    """Build each layout's real model on this rank and write its counts beside the planner's to
-    OUT_DIR/rank{N}.jsonl (one file per rank: two ranks' lines on one pipe can interleave)."""
+    """Build each layout's real model on this rank and write its parameter counts and (without
+    PP) the activation bytes its layers save beside the planner's to OUT_DIR/rank{N}.jsonl (one
+    file per rank: two ranks' lines on one pipe can interleave)."""
     import torch
     from megatron.core import parallel_state
 
+    from megatron_mm1.data.packing import attention_mask_from_segments
     from megatron_mm1.models.mm1 import build_model
     from megatron_mm1.runtime import init_runtime, quiet_third_party_warnings, shutdown
+    from megatron_mm1.synthetic import synthetic_microbatch
 
     quiet_third_party_warnings()
     rows = []
     for config, overrides in LAYOUTS:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides + ["training.bf16=true"])
         init_runtime(cfg)
         chunks = build_model(cfg)
         named = [(n, p) for c in chunks for n, p in c.named_parameters()]
@@ -50,8 +64,24 @@ def worker(out_dir: Path) -> None:
             "expert": sum(p.numel() for n, p in named if ".experts." in n),
         }
         planned = rank_parameters(cfg, parallel_state.get_pipeline_model_parallel_rank())
-        rows.append({"config": config, "overrides": overrides, "rank": torch.distributed.get_rank(),
-                     "real": real, "planned": planned})
+        row = {"config": config, "overrides": overrides, "rank": torch.distributed.get_rank(),
+               "real": real, "planned": planned}
+        if cfg.parallel.pipeline_model_parallel_size == 1:
+            model, moe = chunks[0], cfg.model.moe
+            batch = synthetic_microbatch(cfg, seed=1, images_per_row=[0])
+            mask = attention_mask_from_segments(batch["segment_ids"])
+            saved = saved_bytes_per_layer(
+                model.llm.decoder.layers,
+                lambda: model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]),
+            )
+            # Layer 0 also saves the shared mask; with MoE every layer_freq-th layer is MoE.
+            row["activations"] = [
+                {"real": {name: b / cfg.data.seq_length for name, b in saved[i].items()},
+                 "planned": layer_activation_bytes(cfg, moe.num_experts > 0 and i % moe.layer_freq == 0),
+                 "spec": cfg.model.layer_spec}
+                for i in range(1, len(saved))
+            ]
+        rows.append(row)
         parallel_state.destroy_model_parallel()
     rank = torch.distributed.get_rank()
     shutdown()
@@ -70,6 +100,126 @@ def test_parameters_per_rank_equal_real_models(tmp_path):
     # The layouts split the model: some rank holds less than the whole.
     whole = {c: rank_parameters(load_config(c), 0)["total"] for c in ("tiny", "tiny-moe")}
     assert all(r["real"]["total"] < whole[r["config"]] for r in rows)
+    # Activation bytes at TP2 + SP and EP2. Expert inputs depend on routing, which gives a rank
+    # more or fewer tokens than average: compare the mean over the two ranks.
+    ranks = {}
+    for r in rows:
+        if "activations" in r:
+            ranks.setdefault((r["config"], *r["overrides"]), []).append(r)
+    assert len(ranks) == 5 and all(len(pair) == 2 for pair in ranks.values())
+    for a, b in ranks.values():
+        for la, lb in zip(a["activations"], b["activations"]):
+            for name, planned in la["planned"].items():
+                if la["spec"] == "local" and "layernorm" in name:
+                    continue  # CPU's eager RMSNorm; see test_llm_activation_bytes_equal_saved_tensors
+                real = (la["real"][name] + lb["real"][name]) / 2
+                assert planned == pytest.approx(real, rel=0.01), (a["overrides"], name, la, lb)
+
+
+def saved_bytes_per_layer(layers, run) -> list[dict[str, float]]:
+    """Bytes of the tensors autograd saves for backward while `run()` runs, by layer and by the
+    layer's submodule that saves them; each storage counts once, at the first layer that saves
+    it; parameters do not count."""
+    import torch
+
+    where: list = [None]
+    hooks = []
+    for i, layer in enumerate(layers):
+        for name, child in layer.named_children():
+            hooks.append(child.register_forward_pre_hook(lambda m, a, at=(i, name): where.__setitem__(0, at)))
+            hooks.append(child.register_forward_hook(lambda m, a, o: where.__setitem__(0, None)))
+    params = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    first_saved: dict[int, tuple] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if where[0] and storage.data_ptr() not in params:
+            first_saved.setdefault(storage.data_ptr(), (*where[0], storage.nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    for h in hooks:
+        h.remove()
+    result = [{} for _ in layers]
+    for i, name, nbytes in first_saved.values():
+        result[i][name] = result[i].get(name, 0) + nbytes
+    return result
+
+
+# Wide enough that every term matters; GQA and plain multi-head attention store V differently.
+ACTIVATION_SIZES = ["model.llm.num_layers=2", "model.llm.hidden_size=256", "model.llm.ffn_hidden_size=512",
+                    "model.llm.num_attention_heads=8", "data.seq_length=256", "training.bf16=true"]
+
+
+@pytest.mark.parametrize("config, spec, extra", [
+    ("tiny", "fast", ["model.llm.num_query_groups=2"]),
+    ("tiny", "local", ["model.llm.num_query_groups=2"]),
+    ("tiny", "local", ["model.llm.num_query_groups=8"]),
+    ("tiny", "local", ["model.llm.num_query_groups=2", "training.recompute_llm=selective"]),
+    ("tiny-moe", "fast", ["model.llm.num_query_groups=2", "model.moe.layer_freq=1"]),
+    ("tiny-moe", "local", ["model.llm.num_query_groups=8", "model.moe.layer_freq=1"]),
+])
+def test_llm_activation_bytes_equal_saved_tensors(config, spec, extra):
+    from megatron_mm1.data.packing import attention_mask_from_segments
+    from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.runtime import single_process
+    from megatron_mm1.synthetic import synthetic_microbatch
+
+    cfg = single_process(load_config(config, ACTIVATION_SIZES + extra + [f"model.layer_spec={spec}"]))
+    model = MM1Model(cfg)
+    batch = synthetic_microbatch(cfg, seed=1, images_per_row=[0])
+    mask = attention_mask_from_segments(batch["segment_ids"])
+    layers = model.llm.decoder.layers
+    saved = saved_bytes_per_layer(layers, lambda: model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]))
+    tokens = cfg.data.seq_length
+    planned = layer_activation_bytes(cfg, moe_layer=config == "tiny-moe")
+    real = {name: nbytes / tokens for name, nbytes in saved[1].items()}
+    assert real.keys() == planned.keys()
+    if spec == "local":
+        # CPU's eager RMSNorm keeps two fp32 copies of its input; CUDA's fused kernel keeps the
+        # input and 1/rms, as the compiled norm of the fast spec does on both (checked there).
+        del real["input_layernorm"], real["pre_mlp_layernorm"]
+    for name, value in real.items():
+        assert planned[name] == pytest.approx(value, rel=0.01), (name, real, planned)
+    # The mask is saved once, by the first layer, for all of them.
+    shared = saved[0]["self_attention"] / tokens - real["self_attention"]
+    assert shared == mask_bytes(cfg)
+
+
+@pytest.mark.parametrize("spec", ["local", "fast"])
+def test_vision_activation_bytes_equal_saved_tensors(spec):
+    import torch
+
+    from megatron_mm1.models.mm1 import vision_encoder
+    from megatron_mm1.runtime import single_process
+
+    cfg = single_process(load_config("tiny", ["training.bf16=true", f"model.layer_spec={spec}"]))
+    encoder = vision_encoder(cfg)
+    v = cfg.model.vision
+    images = torch.randn(3, 3, v.image_size, v.image_size, dtype=torch.bfloat16)
+    saved = saved_bytes_per_layer(encoder.transformer.layers, lambda: encoder(images))
+    tokens = 3 * (v.num_patches + 1)
+    planned = vision_layer_activation_bytes(cfg)
+    for layer in saved:
+        assert layer.keys() == planned.keys()
+        for name, nbytes in layer.items():
+            # rel: CPU's LayerNorm keeps its mean and 1/std in bf16, CUDA's in fp32.
+            assert planned[name] == pytest.approx(nbytes / tokens, rel=0.04), (name, layer, planned)
+
+
+@pytest.mark.parametrize("config", ["tiny", "mm1-3b"])
+def test_connector_activation_bytes_near_saved_tensors(config):
+    import torch
+
+    from megatron_mm1.models.mm1 import image_connector
+    from megatron_mm1.runtime import single_process
+
+    cfg = single_process(load_config(config, ["training.bf16=true"]))
+    connector, v = image_connector(cfg), cfg.model.vision
+    features = torch.randn(2, v.num_patches, v.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    saved = saved_bytes_per_layer([connector], lambda: connector(features))
+    assert connector_activation_bytes(cfg, 2) == pytest.approx(sum(saved[0].values()), rel=0.2)
 
 
 @pytest.mark.parametrize("config, gpus", [("mm1-30b", 64), ("mm1-3b-moe-64e", 128), ("tiny-moe", 8)])

@@ -51,14 +51,14 @@ def _name(r: dict) -> str:
 
 def markdown(reports: list[dict]) -> str:
     rows = [
-        "| layout | ranks | step s (median, min-max) | tokens/s/GPU | images/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | vision fwd+bwd s | LLM fwd s | LLM bwd+comm s | optimizer s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | spec | ranks | step s (median, min-max) | tokens/s/GPU | images/s/GPU | TFLOP/s/GPU | MFU | peak mem GiB | vision fwd+bwd s | LLM fwd s | LLM bwd+comm s | optimizer s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         t, b = r["step_time_s"], r["breakdown_s"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         rows.append(
-            f"| {_name(r)} | {r['layout']['world_size']} | {t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) | "
+            f"| {_name(r)} | {r['config']['layer_spec']} | {r['layout']['world_size']} | {t['median']:.3f} ({t['min']:.3f}-{t['max']:.3f}) | "
             f"{r['tokens_per_s_per_gpu']:,.0f} | {r['images_per_s_per_gpu']:,.1f} | {r['tflops_per_gpu']:.4g} | {mfu} | "
             f"{r['peak_memory_gib']:.2f} | {b['vision_forward'] + b['vision_backward']:.3f} | {b['llm_forward']:.3f} | "
             f"{b['llm_backward_and_comm']:.3f} | {b['optimizer']:.3f} |"
@@ -73,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
     layouts = [parse_layout(x) for item in args.layouts for x in item.split(",") if x.strip()]
     layouts += [parse_layout(x) for x in args.layout]
-    runs = [layout_overrides(lay) for lay in layouts] or [([], args.nproc)]
+    specs = [f"model.layer_spec={x.strip()}" for x in args.specs.split(",") if x.strip()] if args.specs else []
+    runs = [
+        ([*sets, *([spec] if spec else [])], nproc)
+        for sets, nproc in [layout_overrides(lay) for lay in layouts] or [([], args.nproc)]
+        for spec in specs or [None]
+    ]
     for sets, nproc in runs:  # refuse any bad layout before the first process starts
         cfg = load_config(args.config, [*args.set, *sets])
         validate(cfg, world_size=nproc)
@@ -129,6 +134,8 @@ def add_parser(subparsers) -> None:
                    help="comma-separated layouts to sweep, e.g. tp1,tp2,pp2,tp2pp2,ep2 (keys tp pp vpp ep etp dp)")
     p.add_argument("--layout", action="append", default=[], metavar="KEY=V,...",
                    help="one layout, e.g. tp=2,pp=2 (repeatable)")
+    p.add_argument("--specs", default=None, metavar="S1,S2",
+                   help="layer specs to run at each layout, side by side, e.g. local,fast (default: the config's)")
     p.add_argument("--nproc", type=int, default=1, help="processes when no layout is given (default 1)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: H100/H200 989, A100 312 bf16 dense; required on CPU)")

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_mm1 import cpu_compat
 from megatron_mm1.config import Config
 from megatron_mm1.models.connector import build_connector
-from megatron_mm1.models.specs import llm_block_spec
+from megatron_mm1.models.specs import SWIGLU_FUSION, llm_block_spec
 from megatron_mm1.models.vision import VisionEncoder
 
 
@@ -49,7 +49,6 @@ def _common_config(cfg: Config) -> dict:
         init_method_std=cfg.model.init_method_std,
         use_cpu_initialization=not torch.cuda.is_available(),
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -95,6 +94,7 @@ def llm_transformer_config(cfg: Config) -> TransformerConfig:
         qk_layernorm=llm.qk_layernorm,
         gated_linear_unit=True,
         activation_func=F.silu,
+        bias_activation_fusion=SWIGLU_FUSION[cfg.model.layer_spec],
         add_bias_linear=False,
     )
 

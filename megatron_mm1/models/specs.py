@@ -5,11 +5,17 @@ norms here mark their parameters `sequence_parallel` so megatron-core's finalize
 all-reduces their gradients across TP; megatron's own WrappedTorchNorm refuses sequence
 parallelism, and apex/TransformerEngine are not assumed.
 
-`fast` is the same layer with one module swapped: the core attention runs through
-torch.nn.functional.scaled_dot_product_attention (SDPAttention), which picks a fused kernel
-(flash or memory-efficient on GPU, a fused CPU kernel otherwise) instead of megatron's unfused
-baddbmm -> softmax -> bmm that materialises the [b, heads, s, s] scores. The norms are torch's
-own RMSNorm/LayerNorm in both specs: on GPU each is already a single fused kernel.
+`fast` swaps three things, each of which keeps less for backward and runs fewer kernels:
+- the core attention runs through torch.nn.functional.scaled_dot_product_attention
+  (SDPAttention): a fused kernel (flash or memory-efficient on GPU, a fused CPU kernel
+  otherwise) instead of megatron's baddbmm -> softmax -> bmm, which keeps the [b, heads, s, s]
+  probabilities twice (fp32 and bf16);
+- RMSNorm is compiled (CompiledRMSNorm): one kernel that keeps the input and an fp32 rstd, on
+  every device (eager CPU keeps two fp32 copies of the input; CUDA has a fused eager kernel);
+- SwiGLU is megatron's own fused one (SWIGLU_FUSION: a torch.compile'd autograd function that
+  keeps only its input; eager keeps three more [tokens, ffn] tensors).
+LayerNorm (the vision encoder's) is one fused kernel in eager torch already, and megatron
+compiles QuickGELU in both specs.
 """
 
 from __future__ import annotations
@@ -41,16 +47,56 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 
+@torch.compile
+def _compiled_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+class CompiledRMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm (same parameters and results) whose forward is compiled."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _compiled_rms_norm(x, self.weight, self.eps)
+
+
 class TorchNorm:
     """torch.nn.LayerNorm or RMSNorm (per config.normalization) that supports sequence parallel."""
 
+    rms_norm = torch.nn.RMSNorm
+
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
-        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm_cls = cls.rms_norm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
         norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in norm.parameters():
             # Under SP each TP rank sees a slice of the sequence: grads need a TP all-reduce.
             p.sequence_parallel = config.sequence_parallel
         return norm
+
+
+class CompiledNorm(TorchNorm):
+    """TorchNorm with RMSNorm compiled."""
+
+    rms_norm = CompiledRMSNorm
+
+
+# Megatron's fused SwiGLU (`bias_activation_fusion`): a torch.compile'd autograd function that
+# keeps only its input for backward. (The ViT's QuickGELU is compiled by megatron in both specs.)
+SWIGLU_FUSION = {"local": False, "fast": True}
+
+
+def sdpa_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """megatron's boolean mask (True = masked) as SDPA's additive one, made once per mask.
+
+    Every layer gets the same mask object; SDPA would convert a boolean mask in each layer and
+    each layer would keep its own [b, 1, s, s] copy for backward."""
+    global _last_mask
+    if _last_mask is None or _last_mask[0] is not attention_mask or _last_mask[1].dtype != dtype:
+        additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        _last_mask = (attention_mask, additive.masked_fill_(attention_mask, float("-inf")))
+    return _last_mask[1]
+
+
+_last_mask: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class SDPAttention(MegatronModule):
@@ -90,8 +136,8 @@ class SDPAttention(MegatronModule):
         assert attention_bias is None and packed_seq_params is None
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
         mask_type = attn_mask_type or self.attn_mask_type
-        # megatron's boolean masks are True where masked; SDPA's are True where attended.
-        mask = None if mask_type == AttnMaskType.no_mask or attention_mask is None else ~attention_mask
+        no_mask = mask_type == AttnMaskType.no_mask or attention_mask is None
+        mask = None if no_mask else sdpa_mask(attention_mask, q.dtype)
         dropout = self.dropout if self.training else 0.0
         # Heads differ across TP ranks, so their dropout draws come from the model-parallel RNG.
         with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -107,18 +153,19 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-# The only difference between the specs: which module computes softmax(QK^T)V.
+# What differs between the specs' layers: which modules compute softmax(QK^T)V and the norms.
 CORE_ATTENTION = {"local": DotProductAttention, "fast": SDPAttention}
+NORM = {"local": TorchNorm, "fast": CompiledNorm}
 
 
 def _layer_spec(
     mlp: ModuleSpec, attn_mask_type: AttnMaskType, qk_norm: bool, kind: str
 ) -> ModuleSpec:
-    qk = TorchNorm if qk_norm else IdentityOp
+    qk = NORM[kind] if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=TorchNorm,
+            input_layernorm=NORM[kind],
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 # `arbitrary`: the model always passes its block-diagonal causal mask for packed
@@ -133,7 +180,7 @@ def _layer_spec(
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=TorchNorm,
+            pre_mlp_layernorm=NORM[kind],
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
@@ -167,7 +214,7 @@ def llm_block_spec(
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=layer_specs[offset : offset + count], layer_norm=TorchNorm
+        layer_specs=layer_specs[offset : offset + count], layer_norm=NORM[kind]
     )
 
 
