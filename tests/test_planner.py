@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_mm1.config import load_config, validate
+from megatron_mm1.saved_tensors import saved_bytes
 from megatron_mm1.planner import (
     GPUS,
     apply_layout,
@@ -70,7 +71,7 @@ def worker(out_dir: Path) -> None:
             model, moe = chunks[0], cfg.model.moe
             batch = synthetic_microbatch(cfg, seed=1, images_per_row=[0])
             mask = attention_mask_from_segments(batch["segment_ids"])
-            saved = saved_bytes_per_layer(
+            saved = saved_bytes(
                 model.llm.decoder.layers,
                 lambda: model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]),
             )
@@ -111,40 +112,9 @@ def test_parameters_per_rank_equal_real_models(tmp_path):
         for la, lb in zip(a["activations"], b["activations"]):
             for name, planned in la["planned"].items():
                 if la["spec"] == "local" and "layernorm" in name:
-                    continue  # CPU's eager RMSNorm; see test_llm_activation_bytes_equal_saved_tensors
+                    continue  # CPU's eager RMSNorm: see test_llm_activation_bytes_equal_saved_tensors
                 real = (la["real"][name] + lb["real"][name]) / 2
                 assert planned == pytest.approx(real, rel=0.01), (a["overrides"], name, la, lb)
-
-
-def saved_bytes_per_layer(layers, run) -> list[dict[str, float]]:
-    """Bytes of the tensors autograd saves for backward while `run()` runs, by layer and by the
-    layer's submodule that saves them; each storage counts once, at the first layer that saves
-    it; parameters do not count."""
-    import torch
-
-    where: list = [None]
-    hooks = []
-    for i, layer in enumerate(layers):
-        for name, child in layer.named_children():
-            hooks.append(child.register_forward_pre_hook(lambda m, a, at=(i, name): where.__setitem__(0, at)))
-            hooks.append(child.register_forward_hook(lambda m, a, o: where.__setitem__(0, None)))
-    params = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
-    first_saved: dict[int, tuple] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if where[0] and storage.data_ptr() not in params:
-            first_saved.setdefault(storage.data_ptr(), (*where[0], storage.nbytes()))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    for h in hooks:
-        h.remove()
-    result = [{} for _ in layers]
-    for i, name, nbytes in first_saved.values():
-        result[i][name] = result[i].get(name, 0) + nbytes
-    return result
 
 
 # Wide enough that every term matters; GQA and plain multi-head attention store V differently.
@@ -171,7 +141,7 @@ def test_llm_activation_bytes_equal_saved_tensors(config, spec, extra):
     batch = synthetic_microbatch(cfg, seed=1, images_per_row=[0])
     mask = attention_mask_from_segments(batch["segment_ids"])
     layers = model.llm.decoder.layers
-    saved = saved_bytes_per_layer(layers, lambda: model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]))
+    saved = saved_bytes(layers, lambda: model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]))
     tokens = cfg.data.seq_length
     planned = layer_activation_bytes(cfg, moe_layer=config == "tiny-moe")
     real = {name: nbytes / tokens for name, nbytes in saved[1].items()}
@@ -198,7 +168,7 @@ def test_vision_activation_bytes_equal_saved_tensors(spec):
     encoder = vision_encoder(cfg)
     v = cfg.model.vision
     images = torch.randn(3, 3, v.image_size, v.image_size, dtype=torch.bfloat16)
-    saved = saved_bytes_per_layer(encoder.transformer.layers, lambda: encoder(images))
+    saved = saved_bytes(encoder.transformer.layers, lambda: encoder(images))
     tokens = 3 * (v.num_patches + 1)
     planned = vision_layer_activation_bytes(cfg)
     for layer in saved:
@@ -218,7 +188,7 @@ def test_connector_activation_bytes_near_saved_tensors(config):
     cfg = single_process(load_config(config, ["training.bf16=true"]))
     connector, v = image_connector(cfg), cfg.model.vision
     features = torch.randn(2, v.num_patches, v.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    saved = saved_bytes_per_layer([connector], lambda: connector(features))
+    saved = saved_bytes([connector], lambda: connector(features))
     assert connector_activation_bytes(cfg, 2) == pytest.approx(sum(saved[0].values()), rel=0.2)
 
 
