@@ -230,6 +230,24 @@ def _restore_adam_step(optimizer) -> None:
                     opt.optimizer.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
+def _let_empty_optimizers_checkpoint(optimizer) -> None:
+    """Let a chained optimizer that holds no parameter on this rank (the expert optimizer of a
+    pipeline stage without MoE layers, say) save and load. Without apex or TransformerEngine
+    megatron-core reads Adam's step from the per-parameter state, which it then does not have,
+    and fails; its state is only its param groups, given the step of this rank's other
+    optimizers (they all step together)."""
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+
+    def param_groups_only(opt) -> dict:
+        step = max((float(s["step"]) for o in chain for s in o.optimizer.state.values()), default=0.0)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in opt.optimizer.param_groups]
+        return {"optimizer": {"param_groups": groups}}
+
+    for opt in chain:
+        if not any(group["params"] for group in opt.optimizer.param_groups):
+            opt.state_dict = partial(param_groups_only, opt)
+
+
 # The optimizer state is saved so that it can be resharded over data-parallel ranks.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -249,6 +267,7 @@ class MegatronEngine:
             overlap_grad_reduce=t.overlap_grad_reduce,
         )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        _let_empty_optimizers_checkpoint(self.optimizer)
 
     def train_step(self, microbatches: list[dict]) -> dict:
         """Forward, backward and (when everything is finite) an optimizer step."""
