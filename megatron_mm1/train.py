@@ -84,7 +84,8 @@ class Trainer:
             self.loader = build_loader(cfg, self.dp_rank, self.dp, images=first)
             self.writes_data_state = first
         self.step = 0
-        self.counters = {"skipped_steps": 0, "consecutive_nonfinite": 0, "tokens": 0, "images": 0}
+        self.counters = {"skipped_steps": 0, "consecutive_nonfinite": 0, "tokens": 0, "images": 0,
+                         "skipped_images": 0}
         self.is_logger = self.env.rank == 0
         from megatron_mm1.benchmark import device_peak
 
@@ -153,7 +154,7 @@ class Trainer:
             self.loader.load_state_dict(json.loads((path / "data" / f"dp{self.dp_rank}.json").read_text()))
         if same_layout:  # RNG streams belong to ranks; another layout starts them afresh
             _set_rng_state(torch.load(path / "rng" / f"rank{self.env.rank}.pt", weights_only=False))
-        self.step, self.counters = state["step"], state["counters"]
+        self.step, self.counters = state["step"], {**self.counters, **state["counters"]}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -242,8 +243,9 @@ class Trainer:
         return code
 
     def _record(self, metrics: dict, batches: list[dict], seconds: float) -> dict:
-        """Update counters and build the step's metrics row (the same on every rank)."""
-        tokens, images, flops = _count(self.cfg, batches)
+        """Update counters and build the step's metrics row (the same on every rank, except
+        skipped_images: images are decoded on the first pipeline stage, which holds rank 0)."""
+        tokens, images, flops, skipped_images = _count(self.cfg, batches)
         tflops_per_gpu = flops / self.env.world_size / seconds / 1e12
         if metrics.pop("skipped"):
             self.counters["skipped_steps"] += 1
@@ -252,6 +254,7 @@ class Trainer:
             self.counters["consecutive_nonfinite"] = 0
         self.counters["tokens"] += tokens
         self.counters["images"] += images
+        self.counters["skipped_images"] += skipped_images
         return {
             "step": self.step,
             **metrics,
@@ -262,6 +265,7 @@ class Trainer:
             "mfu": tflops_per_gpu / self.peak_tflops if self.peak_tflops else None,
             "step_time_s": seconds,
             "skipped_steps": self.counters["skipped_steps"],
+            "skipped_images": self.counters["skipped_images"],
         }
 
     def _log_line(self, text: str) -> None:
@@ -269,8 +273,9 @@ class Trainer:
             print(text, flush=True)
 
 
-def _count(cfg: Config, batches: list[dict]) -> tuple[int, int, float]:
-    """The step's tokens (padding excluded), images and training FLOPs over all DP ranks."""
+def _count(cfg: Config, batches: list[dict]) -> tuple[int, int, float, int]:
+    """The step's tokens (padding excluded), images, training FLOPs and images that could not be
+    decoded, over all DP ranks."""
     from megatron.core import parallel_state
 
     from megatron_mm1.flops import batch_flops, batch_tokens
@@ -280,11 +285,12 @@ def _count(cfg: Config, batches: list[dict]) -> tuple[int, int, float]:
             sum(batch_tokens(b) for b in batches),
             sum(int(b["num_images"].sum()) for b in batches),
             sum(batch_flops(cfg, b) for b in batches),
+            sum(int(b["skipped_images"]) for b in batches),
         ],
         dtype=torch.float64,
     )
     torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    return int(local[0]), int(local[1]), float(local[2])
+    return int(local[0]), int(local[1]), float(local[2]), int(local[3])
 
 
 class MetricsLogger:

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -150,6 +151,28 @@ def test_truncated_shard_is_rejected_with_a_message(demo, tmp_path):
     cfg = load_config("tiny", [f"data.path={copy}", f"data.tokenizer={demo / 'tokenizer.model'}"])
     with pytest.raises(DataError, match="caption-000000.tar is 5000 bytes .* truncated"):
         build_loader(cfg)
+
+
+def test_undecodable_images_are_blank_and_counted(demo, tmp_path):
+    """A shard damaged after preparation (same size, image bytes overwritten): each image that
+    no longer decodes becomes the mean colour and is counted; the token stream is unchanged."""
+    copy = tmp_path / "data"
+    prepare(demo / "raw" / "demo.jsonl", demo / "raw" / "images", copy, progress=False)
+    for shard in copy.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            images = [(m.offset_data, m.size) for m in tar.getmembers() if ".img" in m.name]
+        with open(shard, "r+b") as f:
+            for offset, size in images:
+                f.seek(offset)
+                f.write(b"\0" * size)
+    intact = take(build_loader(config(demo), num_workers=0), 6)
+    damaged = take(build_loader(config(copy, f"data.tokenizer={demo / 'tokenizer.model'}"), num_workers=0), 6)
+    assert sum(int(b["num_images"].sum()) for b in damaged) > 0
+    for a, b in zip(intact, damaged):
+        assert int(a["skipped_images"]) == 0 and int(b["skipped_images"]) == int(b["num_images"].sum())
+        assert b["images"].shape == a["images"].shape and not b["images"].any()
+        for key in ("tokens", "labels", "loss_mask", "segment_ids"):
+            assert torch.equal(a[key], b[key])
 
 
 def test_document_with_more_images_than_a_sequence_holds(demo, tmp_path):

@@ -125,12 +125,18 @@ def test_shards_roll_over_and_are_reproducible(messy):
         assert [m.name.split(".", 1)[1] for m in tar.getmembers()] == ["img0.png", "json", "img0.png", "json"]
 
 
-def test_damaged_shards_are_detected(messy):
+def test_damaged_shards_are_detected(messy, capsys):
     prepare(messy / "in.jsonl", messy / "images", messy / "out", progress=False)
     shard = messy / "out" / "caption-000000.tar"
     data = shard.read_bytes()
+    assert run_cli(["data", "verify", "--data", str(messy / "out"), "--quiet"]) == 0
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
     assert verify_checksums(messy / "out") == ["caption-000000.tar"]
+    capsys.readouterr()
+    assert run_cli(["data", "verify", "--data", str(messy / "out"), "--json", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["damaged"] == ["caption-000000.tar"]
+    assert "caption-000000.tar" in err and "re-run `mm1 data prepare`" in err
     shard.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(DataError, match="truncated or modified"):
         load_manifest(messy / "out")

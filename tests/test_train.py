@@ -224,8 +224,9 @@ def test_metrics_and_tensorboard(data, tmp_path):
                             "training.peak_tflops=0.01", "training.bf16=true"], config="tiny-moe")
     row = rows(out)[-1]
     for key in ("step", "loss", "lm_loss", "logits_z_loss", "lr", "grad_norm", "tokens_per_s",
-                "tflops_per_gpu", "mfu", "moe_load_balancing_loss", "moe_z_loss", "skipped_steps"):
+                "tflops_per_gpu", "mfu", "moe_load_balancing_loss", "moe_z_loss", "skipped_steps", "skipped_images"):
         assert key in row, key
+    assert row["skipped_images"] == 0  # intact data (tests/test_data_loader.py damages some)
     assert row["loss"] == pytest.approx(row["lm_loss"] + row["logits_z_loss"])
     assert row["tokens_per_s"] * row["step_time_s"] == pytest.approx(row["tokens"])
     assert 0 < row["tokens"] <= 8 * 128  # global batch 8 x 128 positions, padding excluded

@@ -1,4 +1,4 @@
-"""`mm1 data ...`: prepare, train-tokenizer, demo, bench.
+"""`mm1 data ...`: prepare, verify, train-tokenizer, demo, bench.
 
 Imports of the data modules (PIL, sentencepiece, torch) happen inside the commands so that
 `mm1 --help` stays fast.
@@ -33,6 +33,24 @@ def _prepare(args: argparse.Namespace) -> int:
     else:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_by_reason.items()))
         print(f"wrote {result.written} samples to {args.out}; skipped {result.skipped}" + (f" ({reasons})" if reasons else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from megatron_mm1.data.formats import DataError, load_manifest, verify_checksums
+
+    try:
+        shards = sum(len(info["shards"]) for info in load_manifest(args.data)["kinds"].values())
+        damaged = verify_checksums(args.data, progress=not args.quiet)
+    except (DataError, OSError) as e:
+        return _fail("verify", str(e))
+    if args.json:
+        print(json.dumps({"shards": shards, "damaged": damaged}))
+    if damaged:
+        return _fail("verify", f"{len(damaged)} of {shards} shards differ from the manifest's sha256: "
+                     f"{', '.join(damaged)}; restore them from the original copy or re-run `mm1 data prepare`")
+    if not args.json:
+        print(f"{args.data}: all {shards} shards match the manifest's sha256")
     return 0
 
 
@@ -96,6 +114,15 @@ def add_parser(subparsers) -> None:
                    help="print a JSON summary {written, skipped, skipped_by_reason} as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("verify", help="check every shard of a prepared folder against the manifest's sha256",
+                       description="Hash every shard of a prepared folder and compare with the sha256 its "
+                                   "manifest recorded (after copying data to a cluster, say). Exit 1 and name "
+                                   "the shards that differ.")
+    p.add_argument("--data", required=True, help="prepared data folder")
+    p.add_argument("--json", action="store_true", help='print {"shards": N, "damaged": [names]} as the last line')
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer with the model's special ids",
                        description="Train a SentencePiece model on text files (one document per line) with "

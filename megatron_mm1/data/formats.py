@@ -27,7 +27,7 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from megatron_mm1.config import ConfigError
 
@@ -175,23 +175,24 @@ def load_manifest(root: str | Path) -> dict:
     return manifest
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, on_block: Callable[[int], object] = lambda n: None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+            on_block(len(block))
     return digest.hexdigest()
 
 
-def verify_checksums(root: str | Path) -> list[str]:
+def verify_checksums(root: str | Path, progress: bool = False) -> list[str]:
     """Names of the shards whose sha256 differs from the manifest (empty when all are intact)."""
+    from tqdm import tqdm
+
     root = Path(root)
-    return [
-        shard["name"]
-        for info in load_manifest(root)["kinds"].values()
-        for shard in info["shards"]
-        if sha256_file(root / shard["name"]) != shard["sha256"]
-    ]
+    shards = [shard for info in load_manifest(root)["kinds"].values() for shard in info["shards"]]
+    total = sum(shard["bytes"] for shard in shards)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", disable=not progress) as bar:
+        return [shard["name"] for shard in shards if sha256_file(root / shard["name"], bar.update) != shard["sha256"]]
 
 
 # ----------------------------------------------------------------------------- random access

@@ -10,6 +10,7 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -69,19 +70,26 @@ class _Pixels(torch.utils.data.Dataset):
         self.image_size = image_size
         self.decode = decode
 
-    def _image(self, ref: tuple[str, str]) -> np.ndarray:
+    def _image(self, ref: tuple[str, str]) -> Optional[np.ndarray]:
+        """The preprocessed image, or None when its bytes no longer decode."""
         shard, member = ref
         try:
             return preprocess(load_image(read_member(shard, member)), self.image_size)
-        except ImageRejected as e:  # validated at preparation, so the shard itself is damaged
-            raise DataError(f"{shard}: {member} cannot be used ({e}); re-run `mm1 data prepare`") from None
+        except ImageRejected as e:  # validated at preparation, so the shard was damaged since
+            print(f"WARNING: {shard}: {member} cannot be decoded ({e}); a blank image takes its place "
+                  "(counted as skipped_images; `mm1 data verify` finds damaged shards)", file=sys.stderr)
+            return None
 
     def __getitem__(self, plan: dict) -> dict:
         batch = {k: torch.from_numpy(plan[k]) for k in
                  ("tokens", "labels", "loss_mask", "segment_ids", "position_ids", "num_images")}
+        batch["skipped_images"] = torch.tensor(0)
         if self.decode:
-            pixels = [self._image(ref) for ref in plan["image_refs"]]
             s = self.image_size
+            pixels = [self._image(ref) for ref in plan["image_refs"]]
+            batch["skipped_images"] = torch.tensor(sum(p is None for p in pixels))
+            # Zeros are the mean colour after CLIP normalisation.
+            pixels = [np.zeros((3, s, s), np.float32) if p is None else p for p in pixels]
             batch["images"] = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, 3, s, s)
         else:
             batch["images"] = None
