@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from megatron_mm1.config import load_config, validate
-from megatron_mm1.saved_tensors import saved_bytes
 from megatron_mm1.planner import (
     GPUS,
     apply_layout,
@@ -26,6 +25,7 @@ from megatron_mm1.planner import (
     rank_parameters,
     vision_layer_activation_bytes,
 )
+from megatron_mm1.saved_tensors import saved_bytes
 
 # (config, overrides) built at 2 processes; EP2 needs DP2 for its expert layout.
 LAYOUTS = [
@@ -129,7 +129,8 @@ ACTIVATION_SIZES = ["model.llm.num_layers=2", "model.llm.hidden_size=256", "mode
     ("tiny", "local", ["model.llm.num_query_groups=2", "training.recompute_llm=selective"]),
     ("tiny-moe", "fast", ["model.llm.num_query_groups=2", "model.moe.layer_freq=1"]),
     ("tiny-moe", "local", ["model.llm.num_query_groups=8", "model.moe.layer_freq=1"]),
-])
+], ids=["dense-fast-gqa", "dense-local-gqa", "dense-local-mha", "dense-local-gqa-selective", "moe-fast-gqa",
+        "moe-local-mha"])
 def test_llm_activation_bytes_equal_saved_tensors(config, spec, extra):
     from megatron_mm1.data.packing import attention_mask_from_segments
     from megatron_mm1.models.mm1 import MM1Model
