@@ -34,8 +34,8 @@ def prompts(cfg: Config, text_only: bool, seed: int = 0) -> list[dict[str, torch
 
 def megatron_model(ckpt: MegatronCheckpoint):
     """The checkpoint's MM1Model in fp32, filled group by group."""
-    from megatron_mm1.runtime import single_process
     from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.runtime import single_process
 
     cfg = dataclasses.replace(ckpt.cfg, training=dataclasses.replace(ckpt.cfg.training, bf16=False))
     model = MM1Model(single_process(cfg)).eval()
