@@ -25,3 +25,14 @@ test: install
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# GPU check (docs/gpu.md). gpu-wheels: on a machine with pip and network, the wheels the bare
+# CUDA image lacks, into .whl/ (git-ignored). gpu-check: on a GPU machine, with .whl/ carried;
+# elsewhere it says so in one line and exits 2.
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels:
+	@bash tools/gpu_wheels.sh
+
+gpu-check:
+	@bash tools/gpu_check.sh

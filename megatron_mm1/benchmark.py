@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from megatron_mm1.config import Config, data_parallel_size, load_config
+from megatron_mm1.device import device, synchronize, to_device
 
 # bf16 dense peaks, TFLOP/s, by the name torch.cuda reports.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -43,8 +44,7 @@ def device_peak(peak_tflops: Optional[float]) -> tuple[str, Optional[float], str
 
 
 def _sync() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter()
 
 
@@ -70,8 +70,7 @@ class Probes:
         self.active = False
         self.totals: dict[str, float] = defaultdict(float)
         self._start: dict[str, float] = {}
-        for chunk in chunks:
-            mm1 = chunk.module
+        for mm1 in chunks:
             self._time_forward(mm1.llm, "llm_forward")
             if mm1.vision is None:
                 continue
@@ -102,14 +101,11 @@ class Probes:
 
 
 def _microbatches(cfg: Config, dp_rank: int, count: int, images_per_sequence: int, samples_per_row: int) -> list[dict]:
+    """This DP rank's synthetic micro-batches, on the host."""
     from megatron_mm1.synthetic import synthetic_microbatch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = [images_per_sequence] * cfg.training.micro_batch_size
-    return [
-        {k: v.to(device) for k, v in synthetic_microbatch(cfg, 1000 * dp_rank + i, rows, samples_per_row).items()}
-        for i in range(count)
-    ]
+    return [synthetic_microbatch(cfg, 1000 * dp_rank + i, rows, samples_per_row) for i in range(count)]
 
 
 def check_mix(cfg: Config, images_per_sequence: int, samples_per_row: int) -> None:
@@ -137,43 +133,45 @@ def run_benchmark(
     peak_tflops: Optional[float] = None,
     probe_steps: int = 2,
 ) -> dict:
-    """Benchmark this process's rank; every rank returns the same report."""
+    """Benchmark this process's rank; every rank returns the same report. The engine is the
+    one training builds (training.engine, distributed optimizer, overlaps), stepped as training
+    steps it."""
     from megatron.core import parallel_state
 
     from megatron_mm1 import flops
-    from megatron_mm1.engine import build_optimizer, forward_backward, wrap_ddp
-    from megatron_mm1.models.mm1 import build_model
+    from megatron_mm1.engine_base import build_engine
     from megatron_mm1.runtime import init_runtime
 
     check_mix(cfg, images_per_sequence, samples_per_row)
     env = init_runtime(cfg)
     dp = data_parallel_size(cfg, env.world_size)
     num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
-    model = wrap_ddp(build_model(cfg), use_distributed_optimizer=cfg.training.distributed_optimizer)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    probes = Probes(model)
+    engine = build_engine(cfg, num_microbatches)
+    probes = Probes(engine.model_chunks())
     # The same micro-batches every step: generating them is not part of a training step.
-    batches = _microbatches(
+    host = _microbatches(
         cfg, parallel_state.get_data_parallel_rank(), num_microbatches, images_per_sequence, samples_per_row
     )
+    batches = [to_device(b) for b in host]
     # Work of one global step: this DP rank's share, summed over the DP group.
     work = torch.tensor(
         [
-            sum(flops.batch_flops(cfg, b) for b in batches),
-            sum(flops.batch_tokens(b) for b in batches),
-            sum(int(b["images"].shape[0]) for b in batches),
+            sum(flops.batch_flops(cfg, b) for b in host),
+            sum(flops.batch_tokens(b) for b in host),
+            sum(int(b["images"].shape[0]) for b in host),
         ],
         dtype=torch.float64,
+        device=device(),
     )
     torch.distributed.all_reduce(work, group=parallel_state.get_data_parallel_group())
     step_flops, step_tokens, step_images = work.tolist()
 
     def step() -> tuple[float, float, float]:
+        """The engine's train_step, in its two halves, timed."""
         start = _sync()
-        forward_backward(model, batches, cfg, num_microbatches)
+        metrics = engine.forward_backward(batches)
         middle = _sync()
-        optimizer.step()
-        scheduler.step(increment=1)
+        engine.optimizer_step(metrics)
         end = _sync()
         return end - start, middle - start, end - middle
 
@@ -181,7 +179,7 @@ def run_benchmark(
         step()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times = torch.tensor([step()[0] for _ in range(steps)], dtype=torch.float64)
+    times = torch.tensor([step()[0] for _ in range(steps)], dtype=torch.float64, device=device())
     # A step ends when the slowest rank ends.
     torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
     if torch.cuda.is_available():
@@ -190,7 +188,7 @@ def run_benchmark(
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         memory_kind = "peak RSS of the process (CPU)"
-    memory = torch.tensor([peak_memory], dtype=torch.float64)
+    memory = torch.tensor([peak_memory], dtype=torch.float64, device=device())
     torch.distributed.all_reduce(memory, op=torch.distributed.ReduceOp.MAX)
 
     probes.active = True
@@ -212,7 +210,7 @@ def run_benchmark(
 
     median = statistics.median(times.tolist())
     world = env.world_size
-    device, peak, peak_source = device_peak(peak_tflops)
+    device_name, peak, peak_source = device_peak(peak_tflops)
     tflops = step_flops / median / world / 1e12
     p = cfg.parallel
     return {
@@ -223,7 +221,7 @@ def run_benchmark(
             "etp": p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
             "sp": p.sequence_parallel, "dp": dp, "world_size": world,
         },
-        "device": device,
+        "device": device_name,
         "mix": {
             "images_per_sequence": images_per_sequence, "samples_per_row": samples_per_row,
             "seq_length": cfg.data.seq_length, "padding_per_row": cfg.data.seq_length // 8,

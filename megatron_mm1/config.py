@@ -170,8 +170,14 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     distributed_optimizer: bool = True  # megatron engine: shard optimizer state over DP
     overlap_grad_reduce: bool = True  # megatron engine: reduce gradients during backward
+    # megatron engine with the distributed optimizer: gather updated parameters during the next
+    # forward, bucket by bucket, instead of at the end of the optimizer step
+    overlap_param_gather: bool = True
     recompute_llm: str = "none"  # none | selective (attention core) | full (whole layers)
     recompute_vision: str = "none"
+    # Bit-identical reruns on a GPU (cuDNN's and torch's deterministic algorithms, a fixed cuBLAS
+    # workspace), at some speed; CPU runs are deterministic anyway.
+    deterministic: bool = False
     log_interval: int = 1
     peak_tflops: Optional[float] = None  # per GPU, for MFU; None: the GPU type's bf16 dense peak
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (skipped) before the run stops

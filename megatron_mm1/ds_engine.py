@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron_mm1.checkpoint import load_model, save_model
 from megatron_mm1.config import Config, ConfigError
 from megatron_mm1.data.packing import attention_mask_from_segments
-from megatron_mm1.engine import _reduce_metrics, _to_device, loss_func
+from megatron_mm1.engine_base import Engine, loss_func, reduce_metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_TAG = "state"  # the one DeepSpeed checkpoint inside each of our checkpoint folders
@@ -143,8 +143,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict):
     return optimizer, scheduler
 
 
-class DeepSpeedEngine:
-    """One model (PP=1) under a DeepSpeed ZeRO engine; the interface of MegatronEngine.
+class DeepSpeedEngine(Engine):
+    """One model (PP=1) under a DeepSpeed ZeRO engine.
 
     deepspeed.initialize runs on first use (a step, a save or an optimizer load), not here:
     weights loaded before it (resume without the optimizer, at any layout) then become
@@ -179,28 +179,34 @@ class DeepSpeedEngine:
             )
         return self._engine
 
-    def train_step(self, microbatches: list[dict]) -> dict:
-        """Forward and backward of each micro-batch, then DeepSpeed's step at the accumulation
-        boundary. DeepSpeed checks the reduced gradients (NaN/Inf, also from a NaN loss) on
-        every rank and skips the update; the schedule then does not advance either."""
+    def model_chunks(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def forward_backward(self, microbatches: list[dict]) -> dict:
+        """Forward and backward of each micro-batch; DeepSpeed's step after each but the last
+        (it only counts micro-steps there), the last in optimizer_step."""
         engine = self.engine
         losses = []
-        for batch in microbatches:
-            batch = _to_device(batch)
+        for i, batch in enumerate(microbatches):
             mask = attention_mask_from_segments(batch["segment_ids"])
             output = engine(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
             loss, metrics = loss_func(batch["loss_mask"], output)
             engine.backward(loss)  # scaled by 1/num_microbatches, averaged over DP
-            engine.step()  # an optimizer step only at the last micro-batch
+            if i < len(microbatches) - 1:
+                engine.step()
             losses.append(metrics)
-        metrics = _reduce_metrics(losses, self.cfg, self.num_microbatches)
+        return reduce_metrics(losses, self.cfg, self.num_microbatches)
+
+    def optimizer_step(self, metrics: dict) -> dict:
+        """DeepSpeed's step at the accumulation boundary. DeepSpeed checks the reduced gradients
+        (NaN/Inf, also from a NaN loss) on every rank and skips the update; the schedule then
+        does not advance either."""
+        engine = self.engine
+        engine.step()
         if not engine.was_step_applied():
             return {**metrics, "skipped": True, "grad_norm": math.nan, "lr": self.lr()}
         self.scheduler.step(increment=1)
         return {**metrics, "skipped": False, "grad_norm": float(engine.get_global_grad_norm()), "lr": self.lr()}
-
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def _full_weights(self):
         """ZeRO-3 partitions the parameters over DP ranks; gather them (read-only) for a
@@ -249,8 +255,3 @@ class DeepSpeedEngine:
             raise RuntimeError("load weights without the optimizer before the first step")
         load_model([self.model], path / "model")
 
-    def scheduler_state(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)

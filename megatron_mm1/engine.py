@@ -20,16 +20,22 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_model
 from megatron_mm1.config import Config
 from megatron_mm1.data.packing import attention_mask_from_segments
-from megatron_mm1.models.mm1 import MM1Model, MM1Output
+from megatron_mm1.device import device
+from megatron_mm1.engine_base import Engine, loss_func, reduce_metrics
+from megatron_mm1.models.mm1 import MM1Model
 
 
 def wrap_ddp(
-    chunks: list[MM1Model], use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False
+    chunks: list[MM1Model],
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> list[DistributedDataParallel]:
     """Megatron DDP around each model chunk (gradients in fp32 main_grad buffers)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     wrapped = [
@@ -47,28 +53,8 @@ def wrap_ddp(
     return wrapped
 
 
-def loss_func(loss_mask: torch.Tensor, output: MM1Output):
-    """Mean over the micro-batch's text targets; megatron averages over micro-batches and DP."""
-    mask = loss_mask.float()
-    count = mask.sum().clamp(min=1.0)
-    lm_loss = (output.lm_loss * mask).sum() / count
-    loss = lm_loss
-    metrics = {"lm_loss": lm_loss.detach().clone()}
-    if output.z_loss is not None:
-        z_loss = (output.z_loss * mask).sum() / count
-        loss = loss + z_loss
-        metrics["logits_z_loss"] = z_loss.detach().clone()
-    return loss, metrics
-
-
-def _to_device(batch: dict) -> dict:
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _forward_step(data_iterator, model):
-    batch = _to_device(next(data_iterator))
+    batch = next(data_iterator)
     mask = attention_mask_from_segments(batch["segment_ids"])
     output = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
@@ -84,7 +70,8 @@ def forward_backward(
     """Run one global step's micro-batches (this DP rank's share) through the pipeline.
 
     Returns the micro-batch-averaged metrics, averaged over data-parallel ranks and present on
-    every rank. Gradients end in each parameter's `main_grad`, reduced across DP.
+    every rank. Gradients end in each parameter's `main_grad`, reduced across DP. The
+    micro-batches are on the device.
     """
     # Each virtual pipeline chunk reads the micro-batches through its own iterator.
     iterators = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
@@ -100,43 +87,7 @@ def forward_backward(
         micro_batch_size=cfg.training.micro_batch_size,
         forward_only=forward_only,
     )
-    return _reduce_metrics(losses, cfg, num_microbatches)
-
-
-def _reduce_metrics(losses: list[dict], cfg: Config, num_microbatches: int) -> dict[str, float]:
-    """Average the last stage's per-micro-batch metrics over micro-batches and DP ranks, and
-    share them with every rank."""
-    names = ["lm_loss", "logits_z_loss"] if cfg.model.logits_z_loss_coeff else ["lm_loss"]
-    values = torch.zeros(len(names), dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        for d in losses:
-            values += torch.tensor([float(d[n]) for n in names], dtype=torch.float64)
-        values /= max(len(losses), 1) * parallel_state.get_data_parallel_world_size()
-    torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
-    # Only the last pipeline stage holds losses: a sum over PP shares them.
-    torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
-    out = dict(zip(names, values.tolist()))
-    out["loss"] = sum(out.values())
-    if cfg.model.moe.num_experts:
-        out.update(_moe_losses(cfg, num_microbatches))
-    return out
-
-
-def _moe_losses(cfg: Config, num_microbatches: int) -> dict[str, float]:
-    """The MoE auxiliary losses (per MoE layer, before their coefficients), reported apart."""
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
-
-    totals: dict = {}
-    track_moe_metrics(
-        loss_scale=1.0 / num_microbatches,
-        iteration=0,
-        total_loss_dict=totals,
-        num_layers=cfg.model.llm.num_layers,
-        moe_layer_freq=cfg.model.moe.layer_freq,
-        force_initialize=True,
-        track_names=["load_balancing_loss", "z_loss"],
-    )
-    return {f"moe_{name}": float(value) for name, value in totals.items()}
+    return reduce_metrics(losses, cfg, num_microbatches)
 
 
 def grads_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
@@ -193,13 +144,10 @@ def build_optimizer(cfg: Config, model: list):
 
 def _all_finite(loss: float, model: list) -> bool:
     """True on every rank iff the loss and every gradient are finite on every rank."""
-    finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0])
-    for chunk in model:
-        for p in chunk.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is not None and not torch.isfinite(g).all():
-                finite[0] = 0.0
-                break
+    finite = torch.tensor([1.0 if math.isfinite(loss) else 0.0], device=device())
+    grads = [p.main_grad for chunk in model for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
+    if grads:  # fused max-abs per gradient (NaN propagates), no host round trip per parameter
+        finite *= torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite[0])
 
@@ -214,7 +162,7 @@ def _materialize_adam_state(optimizer) -> None:
             for p in group["params"]:
                 state = inner.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = torch.tensor(0.0)  # on the host, where torch's AdamW keeps it
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
 
@@ -252,7 +200,7 @@ def _let_empty_optimizers_checkpoint(optimizer) -> None:
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class MegatronEngine:
+class MegatronEngine(Engine):
     """Model chunks under megatron DDP, megatron's optimizer and LR schedule."""
 
     def __init__(self, cfg: Config, num_microbatches: int):
@@ -265,27 +213,40 @@ class MegatronEngine:
             build_model(cfg),
             use_distributed_optimizer=t.distributed_optimizer,
             overlap_grad_reduce=t.overlap_grad_reduce,
+            overlap_param_gather=t.distributed_optimizer and t.overlap_param_gather,
         )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         _let_empty_optimizers_checkpoint(self.optimizer)
 
-    def train_step(self, microbatches: list[dict]) -> dict:
-        """Forward, backward and (when everything is finite) an optimizer step."""
+    def model_chunks(self) -> list[MM1Model]:
+        return [chunk.module for chunk in self.model]
+
+    def forward_backward(self, microbatches: list[dict]) -> dict:
+        # Under overlap_param_gather the last update's parameters are gathered bucket by bucket
+        # as the forward reaches them (megatron's forward pre-hooks), not in optimizer_step.
         self.optimizer.zero_grad()
-        metrics = forward_backward(self.model, microbatches, self.cfg, self.num_microbatches)
+        return forward_backward(self.model, microbatches, self.cfg, self.num_microbatches)
+
+    def optimizer_step(self, metrics: dict) -> dict:
         if not _all_finite(metrics["loss"], self.model):
             return {**metrics, "skipped": True, "grad_norm": math.nan, "lr": self.lr()}
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return {**metrics, "skipped": False, "grad_norm": float(grad_norm), "lr": self.lr()}
 
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+    def _sync_params(self) -> None:
+        """Finish gathering the updated parameters (deferred to the next forward under
+        overlap_param_gather) so that the weights saved are the current ones."""
+        for chunk in self.model:
+            if chunk.use_forward_hook:
+                chunk.disable_forward_pre_hook(param_sync=True)
+                chunk.enable_forward_pre_hook()
 
     def save(self, path: Path) -> None:
         """Weights in path/model (any layout can load them), optimizer in path/optimizer."""
         from megatron.core import dist_checkpointing
 
+        self._sync_params()
         save_model(self.model, path / "model")
         state = self.optimizer.sharded_state_dict(
             model_sharded_state_dict(self.model), metadata=_OPTIMIZER_METADATA
@@ -297,6 +258,7 @@ class MegatronEngine:
     def load(self, path: Path, load_optimizer: bool) -> None:
         from megatron.core import dist_checkpointing
 
+        self._sync_params()  # no gather in flight may overwrite the loaded weights
         load_model(self.model, path / "model")
         if load_optimizer:
             _materialize_adam_state(self.optimizer)
@@ -307,9 +269,3 @@ class MegatronEngine:
             with torch.no_grad():  # it copies into the main parameters in place
                 self.optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_step(self.optimizer)
-
-    def scheduler_state(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_mm1 import flops
 from megatron_mm1.config import Config, ConfigError, validate
 
 GIB = 2**30
@@ -42,6 +42,14 @@ TP_EFFICIENCY = {1: 1.0, 2: 0.93, 4: 0.87, 8: 0.80}
 MICRO_BATCH_EFFICIENCY = {1: 1.0, 2: 1.03, 4: 1.05}  # larger GEMMs run a little closer to peak
 
 
+def measured_gpu(name: str, total_bytes: int) -> GPU:
+    """The GPU a process sees (torch.cuda.get_device_properties' name and total_memory), with
+    the bf16 peak of the listed GPU nearest in memory (the peak only labels; memory decides)."""
+    memory = round(total_bytes / GIB, 1)
+    nearest = min(GPUS.values(), key=lambda g: abs(g.memory_gib - memory))
+    return GPU(name, memory, nearest.peak_tflops)
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int
@@ -52,13 +60,14 @@ class Layout:
     dp: int
     micro_batch: int
     recompute: str  # training.recompute_llm: none | selective (attention core) | full (layers)
+    sequence_parallel: bool  # the planner proposes it at every TP > 1; a config may turn it off
 
     def overrides(self) -> list[str]:
         """The `--set` overrides that select this layout."""
         sets = [
             f"parallel.tensor_model_parallel_size={self.tp}",
             f"parallel.pipeline_model_parallel_size={self.pp}",
-            f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
+            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
             f"training.micro_batch_size={self.micro_batch}",
             f"training.recompute_llm={self.recompute}",
         ]
@@ -72,7 +81,9 @@ class Layout:
     def name(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"] + ([f"vpp{self.vpp}"] if self.vpp else [])
         parts += [f"ep{self.ep}", f"etp{self.etp}"] if self.ep > 1 else []
-        return "".join(parts) + f"dp{self.dp}-mbs{self.micro_batch}" + ("" if self.recompute == "none" else f"-rc-{self.recompute}")
+        name = "".join(parts) + f"dp{self.dp}-mbs{self.micro_batch}"
+        name += "" if self.recompute == "none" else f"-rc-{self.recompute}"
+        return name + ("-nosp" if self.tp > 1 and not self.sequence_parallel else "")
 
 
 def apply_layout(cfg: Config, layout: Layout) -> Config:
@@ -80,7 +91,7 @@ def apply_layout(cfg: Config, layout: Layout) -> Config:
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = layout.tp, layout.pp
     p.virtual_pipeline_model_parallel_size = layout.vpp
-    p.sequence_parallel = layout.tp > 1
+    p.sequence_parallel = layout.sequence_parallel
     p.expert_model_parallel_size = layout.ep
     p.expert_tensor_parallel_size = layout.etp if cfg.model.moe.num_experts else None
     cfg.training.micro_batch_size = layout.micro_batch
@@ -93,13 +104,20 @@ def apply_layout(cfg: Config, layout: Layout) -> Config:
 
 def _connector_parameters(cfg: Config) -> int:
     """Plain torch, replicated on every TP rank: count the module itself on the meta device."""
+    m = cfg.model
+    return _count_connector(dataclasses.astuple(m.connector), m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _count_connector(connector: tuple, num_patches: int, vision_width: int, llm_width: int) -> int:
+    # Cached: building the module takes ~60 ms, and a plan asks once per layout and stage.
     import torch
 
+    from megatron_mm1.config import ConnectorConfig
     from megatron_mm1.models.connector import build_connector
 
-    m = cfg.model
     with torch.device("meta"):
-        module = build_connector(m.connector, m.vision.num_patches, m.vision.hidden_size, m.llm.hidden_size)
+        module = build_connector(ConnectorConfig(*connector), num_patches, vision_width, llm_width)
     return sum(p.numel() for p in module.parameters())
 
 
@@ -231,7 +249,11 @@ def _vision_activation_bytes(cfg: Config, images: int) -> float:
 
 def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dict[str, float]:
     """GiB on the most loaded rank (the pipeline stage with the largest sum), by category;
-    the optimizer state is sharded over DP under training.distributed_optimizer."""
+    the optimizer state is sharded over DP under training.distributed_optimizer.
+
+    weights + gradients + optimizer + activations is what the caching allocator hands out
+    (torch.cuda.max_memory_allocated); `reserved` (RESERVED_GIB: CUDA context, NCCL buffers,
+    fragmentation) is outside it; total = those five; `stage` is the pipeline stage."""
     cfg = apply_layout(cfg, layout)
     distributed_optimizer = cfg.training.distributed_optimizer
     llm, moe = cfg.model.llm, cfg.model.moe
@@ -255,7 +277,8 @@ def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dic
         ]
         if layout.recompute == "full":
             # Only each layer's input is kept; one layer's activations are rebuilt at a time.
-            kept = 2.0 * llm.hidden_size / layout.tp * len(layers) + max(per_mb)  # SP at TP > 1
+            sp = layout.tp if layout.sequence_parallel else 1  # SP splits the inputs over TP
+            kept = 2.0 * llm.hidden_size / sp * len(layers) + max(per_mb)
         else:
             kept = sum(per_mb)
         # 1F1B keeps pp - stage micro-batches in flight; the interleaved schedule's warm-up
@@ -274,8 +297,9 @@ def memory_per_gpu(cfg: Config, layout: Layout, images_per_sequence: int) -> dic
             "gradients": 4 * params["total"] / GIB,  # fp32 main_grad buffers
             "optimizer": optimizer / GIB,
             "activations": activations / GIB,
+            "reserved": RESERVED_GIB,
         }
-        row["total"] = sum(row.values()) + RESERVED_GIB
+        row["total"] = sum(row.values())
         row["stage"] = stage
         if not worst or row["total"] > worst["total"]:
             worst = row
@@ -291,6 +315,8 @@ def relative_step_time(cfg: Config, layout: Layout, images_per_sequence: int) ->
     The slowest pipeline stage sets the pace (stage 0 also runs the vision side, the last the
     output layer); 1F1B adds (pp - 1) / vpp micro-batches of bubble; TP, EP and micro-batch
     size scale efficiency; full recomputation re-runs each LLM layer's forward."""
+    from megatron_mm1 import flops  # imports torch: the command parsers import this module for GPUS
+
     cfg = apply_layout(cfg, layout)
     llm, moe, s = cfg.model.llm, cfg.model.moe, cfg.data.seq_length
     mult = flops.backward_multipliers(cfg)
@@ -351,12 +377,61 @@ def candidate_layouts(cfg: Config, gpus: int) -> list[Layout]:
             eps = [e for e in _divisors(moe.num_experts) if e <= gpus] if moe.num_experts else [1]
             for ep, etp in itertools.product(eps, sorted({1, tp}) if moe.num_experts else [tp]):
                 for mbs, rec in itertools.product([1, 2, 4], recomputes):
-                    out.append(Layout(tp, pp, vpp, ep, etp if ep > 1 else tp, dp, mbs, rec))
+                    out.append(Layout(tp, pp, vpp, ep, etp if ep > 1 else tp, dp, mbs, rec, tp > 1))
     return list(dict.fromkeys(out))
 
 
+def _validation_reason(error: ConfigError) -> str:
+    """config.validate's problems on one line."""
+    return str(error).split("\n  - ", 1)[-1].replace("\n  - ", "; ")
+
+
+def _memory_gib(cfg: Config, layout: Layout, images: int) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in memory_per_gpu(cfg, layout, images).items()}
+
+
+def _too_big(mem: dict[str, float], gpu: GPU) -> tuple[str, str]:
+    """(reason, kind) for a layout needing `mem` that does not fit `gpu`."""
+    largest = max(("weights", "gradients", "optimizer", "activations"), key=mem.get)
+    return (
+        f"needs {mem['total']:.1f} GiB on pipeline stage {mem['stage']} > {gpu.memory_gib} GiB "
+        f"of a {gpu.name} (largest: {largest} {mem[largest]:.1f} GiB)",
+        f"does not fit in {gpu.memory_gib} GiB (largest part: {largest})",
+    )
+
+
+def evaluate_config_layout(cfg: Config, world_size: int, gpu: GPU, images_per_sequence: Optional[int] = None) -> dict:
+    """The config's own layout (after any overrides) on `world_size` GPUs, exactly as configured:
+    its TP, PP, VPP, EP, ETP, sequence parallelism, micro-batch, training.recompute_llm, layer
+    spec and optimizer sharding, with DP = world_size / (TP x PP).
+
+    {"fits": bool, "layout": Layout as a dict (as in plan()'s "fits"), "name": str,
+     "memory_gib": memory_per_gpu() rounded to 0.01, "reason": why it does not fit, or None}.
+    When config.validate refuses the config at this world size, `fits` is false, `reason` is
+    the validation message and `memory_gib` is None (and `dp` and `name` too when TP x PP does
+    not divide the world size). training.recompute_vision is not modelled (estimated as none)."""
+    images = cfg.model.max_images_per_sequence if images_per_sequence is None else images_per_sequence
+    p, t = cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    divisible = tp * pp >= 1 and world_size % (tp * pp) == 0
+    layout = Layout(tp, pp, p.virtual_pipeline_model_parallel_size, p.expert_model_parallel_size,
+                    p.expert_tensor_parallel_size or tp, world_size // (tp * pp) if divisible else 0,
+                    t.micro_batch_size, t.recompute_llm, p.sequence_parallel)
+    result = {"fits": False, "layout": dataclasses.asdict(layout), "name": layout.name(), "memory_gib": None, "reason": None}
+    try:
+        validate(cfg, world_size=world_size)
+    except ConfigError as e:
+        if not divisible:
+            result["layout"]["dp"] = result["name"] = None
+        return {**result, "reason": _validation_reason(e)}
+    mem = _memory_gib(cfg, layout, images)
+    fits = mem["total"] <= gpu.memory_gib
+    return {**result, "fits": fits, "memory_gib": mem, "reason": None if fits else _too_big(mem, gpu)[0]}
+
+
 def plan(cfg: Config, gpus: int, gpu: GPU, images_per_sequence: Optional[int] = None) -> dict:
-    """{'fits': ranked [{layout, memory, relative_throughput, ...}], 'rejected': [{layout, reason}]}."""
+    """{'fits': ranked [{layout, memory, relative_throughput, ...}], 'rejected': [{layout, reason}],
+    'preset_layout': the config's own layout (evaluate_config_layout)}."""
     images = cfg.model.max_images_per_sequence if images_per_sequence is None else images_per_sequence
     fits, rejected = [], []
     for layout in candidate_layouts(cfg, gpus):
@@ -364,17 +439,13 @@ def plan(cfg: Config, gpus: int, gpu: GPU, images_per_sequence: Optional[int] = 
         try:
             validate(apply_layout(cfg, layout), world_size=gpus)
         except ConfigError as e:
-            reason = str(e).split("\n  - ", 1)[-1].replace("\n  - ", "; ")
+            reason = _validation_reason(e)
             rejected.append({**entry, "reason": reason, "kind": reason})
             continue
-        mem = memory_per_gpu(cfg, layout, images)
-        entry["memory_gib"] = {k: round(v, 2) for k, v in mem.items()}
+        entry["memory_gib"] = mem = _memory_gib(cfg, layout, images)
         if mem["total"] > gpu.memory_gib:
-            largest = max(("weights", "gradients", "optimizer", "activations"), key=mem.get)
-            rejected.append({**entry, "reason": (
-                f"needs {mem['total']:.1f} GiB on pipeline stage {mem['stage']} > {gpu.memory_gib} GiB "
-                f"of a {gpu.name} (largest: {largest} {mem[largest]:.1f} GiB)"),
-                "kind": f"does not fit in {gpu.memory_gib} GiB (largest part: {largest})"})
+            reason, kind = _too_big(mem, gpu)
+            rejected.append({**entry, "reason": reason, "kind": kind})
             continue
         entry["step_time"] = relative_step_time(cfg, layout, images)
         entry["overrides"] = layout.overrides()
@@ -388,6 +459,21 @@ def plan(cfg: Config, gpus: int, gpu: GPU, images_per_sequence: Optional[int] = 
         "gpu": dataclasses.asdict(gpu),
         "images_per_sequence": images,
         "distributed_optimizer": cfg.training.distributed_optimizer,
+        "preset_layout": evaluate_config_layout(cfg, gpus, gpu, images),
         "fits": fits,
         "rejected": rejected,
     }
+
+
+def fit_warning(cfg: Config, world_size: int, gpu: GPU, preset: dict) -> str:
+    """`WARNING:` lines for a config whose own layout does not fit (`preset`, from
+    evaluate_config_layout), with the overrides of the planner's best layout that does. The
+    ranking runs only here: it takes seconds for MoE models."""
+    lines = [f"WARNING: layout {preset['name']} is estimated not to fit {world_size} x {gpu.name}: {preset['reason']}"]
+    fits = plan(cfg, world_size, gpu)["fits"]
+    if fits:
+        lines.append(f"WARNING: the planner's best layout that fits ({fits[0]['name']}, {fits[0]['memory_gib']['total']:.1f} GiB; "
+                     f"`mm1 plan` ranks the others): {' '.join('--set ' + o for o in fits[0]['overrides'])}")
+    else:
+        lines.append(f"WARNING: no layout of this model fits {world_size} x {gpu.name}; use more GPUs (`mm1 plan`)")
+    return "\n".join(lines)

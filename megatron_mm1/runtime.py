@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -55,13 +56,14 @@ def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
     env = dist_env()
     validate(cfg, world_size=env.world_size)  # before any process group or device memory
     if torch.cuda.is_available():
+        set_cuda_environment(cfg)
         torch.cuda.set_device(env.local_rank)
         backend = "nccl"
     else:
         from megatron_mm1 import cpu_compat
 
         cpu_compat.check_layout(cfg)
-        cpu_compat.enable()
+        cpu_compat.enable(cfg)
         backend = "gloo"
     if not torch.distributed.is_initialized():
         # A single process needs no rendezvous (and so no port).
@@ -84,7 +86,36 @@ def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
     )
     torch.manual_seed(cfg.training.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+    if cfg.training.deterministic:
+        # warn_only: a few CUDA kernels (adaptive pooling's backward) have no deterministic form.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return env
+
+
+def set_cuda_environment(cfg: Config) -> None:
+    """Set what CUDA reads when it starts: call before anything touches the GPU (init_runtime
+    does; a launcher that queries the GPU first calls it earlier).
+
+    - With tensor or context parallelism, CUDA_DEVICE_MAX_CONNECTIONS=1: one hardware queue
+      keeps kernels in issue order, so a collective queued ahead of a GEMM overlaps with it
+      (megatron's requirement).
+    - With training.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8: cuBLAS is reproducible
+      only with a fixed workspace."""
+    p = cfg.parallel
+    wanted = {}
+    if max(p.tensor_model_parallel_size, p.context_parallel_size) > 1:
+        wanted["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if cfg.training.deterministic:
+        wanted["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    for name, value in wanted.items():
+        if os.environ.get(name) == value:
+            continue
+        if torch.cuda.is_initialized():
+            print(f"WARNING: CUDA started before {name}={value} could be set; set it in the job's "
+                  "environment", file=sys.stderr)
+            continue
+        os.environ[name] = value
 
 
 def shutdown() -> None:

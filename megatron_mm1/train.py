@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from megatron_mm1 import checkpoint as ckpt
 from megatron_mm1.config import Config, ConfigError, data_parallel_size, load_config
+from megatron_mm1.device import device, to_device
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 EXIT_NONFINITE = 3
@@ -37,25 +40,53 @@ class StopSignal:
         self.received = signum
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag[0])
 
 
-def next_microbatches(loader, count: int) -> list[dict]:
-    """The step's micro-batches: read on TP rank 0 (`loader`), broadcast to its TP peers."""
+def next_microbatches(cfg: Config, loader, count: int) -> tuple[list[dict], list[float]]:
+    """The step's micro-batches on the device and what they hold (tokens, images, FLOPs,
+    undecodable images; `_count`): read on TP rank 0 (`loader`), counted from the host copies
+    there, moved to the device once and broadcast from there to its TP peers."""
     from megatron.core import parallel_state
 
-    batches = [next(loader) for _ in range(count)] if loader is not None else None
+    batches = counts = None
+    if loader is not None:
+        host = [next(loader) for _ in range(count)]
+        counts = _count_local(cfg, host)
+        batches = [to_device(b) for b in host]
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        box = [batches]
-        torch.distributed.broadcast_object_list(
-            box,
+        batches, counts = broadcast_microbatches(
+            batches,
+            counts,
             src=parallel_state.get_tensor_model_parallel_src_rank(),
             group=parallel_state.get_tensor_model_parallel_group(),
         )
-        batches = box[0]
-    return batches
+    return batches, counts
+
+
+def broadcast_microbatches(batches: Optional[list[dict]], extra, src: int, group) -> tuple[list[dict], object]:
+    """`src`'s device micro-batches (and a small picklable `extra`) on every rank of `group`:
+    their layout as one object, their data as one flat device tensor per dtype."""
+    layout = None
+    if batches is not None:
+        layout = [{k: None if v is None else (tuple(v.shape), v.dtype) for k, v in b.items()} for b in batches]
+    box = [(layout, extra)]
+    torch.distributed.broadcast_object_list(box, src=src, group=group)
+    layout, extra = box[0]
+    specs = [(i, key, *spec) for i, b in enumerate(layout) for key, spec in b.items() if spec is not None]
+    received = [{k: None for k in b} for b in layout]
+    for dtype in sorted({spec[3] for spec in specs}, key=str):
+        mine = [s for s in specs if s[3] == dtype]
+        if batches is not None:
+            flat = torch.cat([batches[i][key].reshape(-1) for i, key, _, _ in mine])
+        else:
+            flat = torch.empty(sum(math.prod(shape) for _, _, shape, _ in mine), dtype=dtype, device=device())
+        torch.distributed.broadcast(flat, src=src, group=group)
+        for (i, key, shape, _), part in zip(mine, flat.split([math.prod(s[2]) for s in mine])):
+            received[i][key] = part.view(shape)
+    return (batches if batches is not None else received), extra
 
 
 class Trainer:
@@ -63,6 +94,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         from megatron_mm1.data import build_loader
+        from megatron_mm1.engine_base import build_engine
         from megatron_mm1.runtime import init_runtime
 
         self.stop = StopSignal()  # first: a signal during start-up still stops the run cleanly
@@ -187,10 +219,10 @@ class Trainer:
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
-                batches = next_microbatches(loader, self.num_microbatches)
+                batches, counts = next_microbatches(self.cfg, loader, self.num_microbatches)
                 metrics = self.engine.train_step(batches)
                 self.step += 1
-                row = self._record(metrics, batches, time.perf_counter() - start)
+                row = self._record(metrics, counts, time.perf_counter() - start)
                 bar.update(1)
                 if logger:
                     logger.log(row)
@@ -242,10 +274,10 @@ class Trainer:
             (self.out / EXIT_RECORD).write_text(json.dumps(record) + "\n")
         return code
 
-    def _record(self, metrics: dict, batches: list[dict], seconds: float) -> dict:
+    def _record(self, metrics: dict, counts: list[float], seconds: float) -> dict:
         """Update counters and build the step's metrics row (the same on every rank, except
         skipped_images: images are decoded on the first pipeline stage, which holds rank 0)."""
-        tokens, images, flops, skipped_images = _count(self.cfg, batches)
+        tokens, images, flops, skipped_images = _count(counts)
         tflops_per_gpu = flops / self.env.world_size / seconds / 1e12
         if metrics.pop("skipped"):
             self.counters["skipped_steps"] += 1
@@ -273,24 +305,27 @@ class Trainer:
             print(text, flush=True)
 
 
-def _count(cfg: Config, batches: list[dict]) -> tuple[int, int, float, int]:
-    """The step's tokens (padding excluded), images, training FLOPs and images that could not be
-    decoded, over all DP ranks."""
-    from megatron.core import parallel_state
-
+def _count_local(cfg: Config, batches: list[dict]) -> list[float]:
+    """This rank's micro-batches' tokens (padding excluded), images, training FLOPs and images
+    that could not be decoded, read from their host copies."""
     from megatron_mm1.flops import batch_flops, batch_tokens
 
-    local = torch.tensor(
-        [
-            sum(batch_tokens(b) for b in batches),
-            sum(int(b["num_images"].sum()) for b in batches),
-            sum(batch_flops(cfg, b) for b in batches),
-            sum(int(b["skipped_images"]) for b in batches),
-        ],
-        dtype=torch.float64,
-    )
-    torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    return int(local[0]), int(local[1]), float(local[2]), int(local[3])
+    return [
+        sum(batch_tokens(b) for b in batches),
+        sum(int(b["num_images"].sum()) for b in batches),
+        sum(batch_flops(cfg, b) for b in batches),
+        sum(int(b["skipped_images"]) for b in batches),
+    ]
+
+
+def _count(counts: list[float]) -> tuple[int, int, float, int]:
+    """`_count_local`'s figures summed over all DP ranks."""
+    from megatron.core import parallel_state
+
+    total = torch.tensor(counts, dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    tokens, images, flops, skipped_images = total.tolist()
+    return int(tokens), int(images), flops, int(skipped_images)
 
 
 class MetricsLogger:
@@ -333,16 +368,6 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def build_engine(cfg: Config, num_microbatches: int):
-    if cfg.training.engine == "deepspeed":
-        from megatron_mm1.ds_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, num_microbatches)
-    from megatron_mm1.engine import MegatronEngine
-
-    return MegatronEngine(cfg, num_microbatches)
 
 
 def main(argv: list[str] | None = None) -> int:

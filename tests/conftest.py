@@ -12,9 +12,11 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def run(cmd: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the repository root; on failure show its output's tail."""
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root (with `env` added to the environment); on failure
+    show its output's tail."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")

@@ -3,6 +3,7 @@ freezing, z-loss and clear errors."""
 
 import pytest
 import torch
+from megatron.core import tensor_parallel
 
 from megatron_mm1.config import load_config
 from megatron_mm1.data.packing import attention_mask_from_segments
@@ -24,7 +25,8 @@ def cfg():
 def make_model(cfg, **model_overrides):
     for key, value in model_overrides.items():
         setattr(cfg.model, key, value)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the plain torch modules' initialisation
+    tensor_parallel.model_parallel_cuda_manual_seed(0)  # megatron's layers'
     return MM1Model(cfg).eval()
 
 

@@ -9,16 +9,18 @@ The GPU's own share of memory (allocator, NCCL, CUDA context) needs a GPU to che
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_mm1.config import load_config, validate
+from megatron_mm1.config import CONFIG_DIR, load_config, validate
 from megatron_mm1.planner import (
     GPUS,
     apply_layout,
     connector_activation_bytes,
+    evaluate_config_layout,
     layer_activation_bytes,
     mask_bytes,
     plan,
@@ -219,18 +221,105 @@ def test_rejections_give_the_reason():
 def test_memory_falls_with_model_parallelism_and_recomputation():
     from megatron_mm1.planner import Layout, memory_per_gpu
 
-    cfg = load_config("mm1-7b")
-    base = Layout(tp=2, pp=1, vpp=None, ep=1, etp=2, dp=4, micro_batch=1, recompute="none")
+    cfg = load_config("mm1-7b", ["model.layer_spec=local"])
+    base = Layout(tp=2, pp=1, vpp=None, ep=1, etp=2, dp=4, micro_batch=1, recompute="none", sequence_parallel=True)
     m = memory_per_gpu(cfg, base, 16)
-    tp4 = memory_per_gpu(cfg, Layout(4, 1, None, 1, 4, 2, 1, "none"), 16)
-    rec = memory_per_gpu(cfg, Layout(2, 1, None, 1, 2, 4, 1, "full"), 16)
-    selective = memory_per_gpu(cfg, Layout(2, 1, None, 1, 2, 4, 1, "selective"), 16)
+    tp4 = memory_per_gpu(cfg, Layout(4, 1, None, 1, 4, 2, 1, "none", True), 16)
+    rec = memory_per_gpu(cfg, Layout(2, 1, None, 1, 2, 4, 1, "full", True), 16)
+    selective = memory_per_gpu(cfg, Layout(2, 1, None, 1, 2, 4, 1, "selective", True), 16)
+    no_sp = memory_per_gpu(cfg, Layout(2, 1, None, 1, 2, 4, 1, "none", False), 16)
     assert tp4["weights"] == pytest.approx(m["weights"] / 2, rel=0.1)
     assert rec["activations"] < m["activations"] / 2  # vision and logits are not recomputed
     assert rec["activations"] < selective["activations"] < m["activations"]  # local spec: s x s probabilities
     assert rec["weights"] == m["weights"]
+    assert no_sp["activations"] > m["activations"]  # the norms' side keeps the whole sequence
     cfg_applied = apply_layout(cfg, base)
     assert cfg_applied.parallel.sequence_parallel
+
+
+# Each MM1 preset's own layout, on the GPU count its YAML names (8 H100-80GB per node).
+PRESET_GPUS = {"mm1-3b": 8, "mm1-7b": 16, "mm1-30b": 64, "mm1-3b-moe-64e": 64, "mm1-7b-moe-32e": 64}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_GPUS))
+def test_presets_fit_h100_at_the_gpu_count_they_name(preset):
+    gpus = PRESET_GPUS[preset]
+    comment = re.search(r"^# Layout sized for .*: mm1 plan --config (\S+) --gpus (\d+) --gpu-type h100-80gb$",
+                        (CONFIG_DIR / f"{preset}.yaml").read_text(), re.M)
+    assert comment and comment.groups() == (preset, str(gpus))
+    cfg = load_config(preset)
+    own = evaluate_config_layout(cfg, gpus, GPUS["h100-80gb"])
+    assert own["fits"] and own["reason"] is None, own
+    assert cfg.training.global_batch_size == 512
+    p = cfg.parallel
+    assert own["layout"]["dp"] * p.tensor_model_parallel_size * p.pipeline_model_parallel_size == gpus
+    mem = own["memory_gib"]
+    parts = ("weights", "gradients", "optimizer", "activations", "reserved")
+    assert mem["total"] == pytest.approx(sum(mem[k] for k in parts), abs=0.03) and mem["total"] <= 79.6
+
+
+def plan_json(capsys, *argv: str) -> dict:
+    from megatron_mm1.cli import main
+
+    main(["plan", *argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_reports_the_configs_own_layout(capsys):
+    # As configured: TP1 x PP1 without SP is not what the planner proposes for 30B; it cannot fit.
+    sets = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+            "parallel.sequence_parallel=false"]
+    result = plan_json(capsys, "--config", "mm1-30b", "--gpus", "8", "--gpu-type", "h100-80gb",
+                       *[a for s in sets for a in ("--set", s)])
+    own = result["preset_layout"]
+    assert set(own) == {"fits", "layout", "name", "memory_gib", "reason"}
+    assert own["fits"] is False and own["name"] == "tp1pp1dp8-mbs1"
+    assert own["layout"] == {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "etp": 1, "dp": 8, "micro_batch": 1,
+                             "recompute": "none", "sequence_parallel": False}
+    assert "GiB" in own["reason"] and own["memory_gib"]["total"] > 79.6
+    # The same layout among the candidates gets the same estimate.
+    by_name = {r["name"]: r for r in result["rejected"]}
+    assert by_name["tp1pp1dp8-mbs1"]["memory_gib"] == own["memory_gib"]
+    # A world size the layout does not divide: refused with config.validate's message.
+    own = plan_json(capsys, "--config", "mm1-30b", "--gpus", "12")["preset_layout"]
+    assert own["fits"] is False and own["memory_gib"] is None and own["layout"]["dp"] is None
+    assert "world size 12 is not divisible" in own["reason"]
+
+
+def test_own_layout_is_evaluated_as_configured():
+    # mm1-3b's own layout at 8 GPUs is the planner's first; at the local spec with micro-batch 4
+    # and no recomputation its [heads, s, s] attention probabilities do not fit.
+    gpu = GPUS["h100-80gb"]
+    result = plan(load_config("mm1-3b"), 8, gpu)
+    assert result["preset_layout"]["layout"] == result["fits"][0]["layout"]
+    assert result["preset_layout"]["memory_gib"] == result["fits"][0]["memory_gib"]
+    cfg = load_config("mm1-3b", ["model.layer_spec=local", "training.micro_batch_size=4"])
+    own = evaluate_config_layout(cfg, 8, gpu)
+    assert not own["fits"] and "largest: activations" in own["reason"]
+    assert evaluate_config_layout(cfg, 8, GPUS["h200-141gb"])["memory_gib"] == own["memory_gib"]
+    assert evaluate_config_layout(load_config("mm1-3b", ["training.recompute_llm=full"]), 8, gpu)["memory_gib"][
+        "activations"] < result["preset_layout"]["memory_gib"]["activations"]
+
+
+def test_train_warns_on_a_gpu_when_the_layout_does_not_fit(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_mm1.commands.train import warn_if_layout_does_not_fit
+
+    device = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=85_520_809_984)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: device)
+    warn_if_layout_does_not_fit(load_config("mm1-3b"), 8, 0)
+    assert capsys.readouterr().err == ""
+    # The GPU is what the device reports: mm1-3b's 57.2 GiB do not fit 39.4 GiB.
+    device = SimpleNamespace(name="NVIDIA A100-SXM4-40GB", total_memory=42_298_834_944)
+    warn_if_layout_does_not_fit(load_config("mm1-3b"), 8, 0)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("WARNING: ") for line in err), err
+    assert "tp1pp1dp8-mbs1 is estimated not to fit 8 x NVIDIA A100-SXM4-40GB" in err[0] and "39.4 GiB" in err[0]
+    assert "--set parallel.tensor_model_parallel_size=2" in err[1]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The Slurm launcher (`mm1 submit`, slurm/train.sbatch) against a real two-node Slurm cluster
 started on this machine (tests/slurm_cluster.py): a run to completion on both nodes, a signal
 before the time limit (checkpoint, requeue, resume, the uninterrupted run's losses), a node that
-never joins the rendezvous, and the rendered script for mm1-30b on 64 x 8 GPUs."""
+never joins the rendezvous, and the rendered script for mm1-30b on 64 x 8 GPUs with the planner's
+memory check of its layout."""
 
 from __future__ import annotations
 
@@ -186,6 +187,10 @@ def test_dry_run_30b_on_64_nodes(tmp_path):
                 "--set", "training.lr=1e-4", "--dry-run"])
     script = proc.stdout
     assert "world size 512, valid" in proc.stderr
+    # The planner's check of the preset's own layout at 512 H100-80GB: it fits, no warning.
+    assert re.search(r"planner \(mm1 plan\): layout tp4pp2dp64-mbs1 ~[\d.]+ GiB per GPU, fits 79\.6 GiB of a H100 SXM 80GB",
+                     proc.stderr)
+    assert "WARNING" not in proc.stderr
     assert script.startswith("#!/bin/bash\n") and not out.exists()  # nothing written
     sbatch = re.findall(r"^#SBATCH (\S+)", script, re.M)
     for line in ["--nodes=64", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:USR1@300",
@@ -219,10 +224,31 @@ def test_dry_run_30b_on_64_nodes(tmp_path):
     assert ["--set", "training.lr=1e-4"] == train[train.index("--set"):train.index("--set") + 2]
 
 
+def test_dry_run_warns_when_the_layout_does_not_fit(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer.model").write_bytes(b"")
+    args = [*MM1, "submit", "--config", "mm1-30b", "--nodes", "8", "--gpus-per-node", "8", "--device", "gpu",
+            "--data", str(data), "--out", str(tmp_path / "run"), "--dry-run"]
+    tp1 = ["--set", "parallel.tensor_model_parallel_size=1", "--set", "parallel.pipeline_model_parallel_size=1",
+           "--set", "parallel.sequence_parallel=false"]
+    proc = run([*args, *tp1])  # a warning, not a refusal: exit 0 and the script
+    assert proc.stdout.startswith("#!/bin/bash\n")
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("WARNING: ")]
+    assert len(warning) == 2, proc.stderr
+    assert "layout tp1pp1dp64-mbs1 is estimated not to fit 64 x H100 SXM 80GB: needs" in warning[0]
+    assert "--set parallel.tensor_model_parallel_size=4" in warning[1]  # the planner's best that fits
+    assert re.search(r"world size 64, valid; planner \(mm1 plan\): layout tp1pp1dp64-mbs1 ~[\d.]+ GiB per GPU, "
+                     r"does NOT fit 79\.6 GiB", proc.stderr)
+    # --gpu-type: the preset's own layout fits 64 x H100-80GB, not 64 x A100-40GB.
+    assert "WARNING" not in run(args).stderr
+    assert "fit 64 x A100 SXM 40GB" in run([*args, "--gpu-type", "a100-40gb"]).stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config", "mm1-30b", "--nodes", "3", "--gpus-per-node", "8"], "24"),
+        (["--config", "mm1-30b", "--nodes", "3", "--gpus-per-node", "4"], "world size 12 is not divisible"),
         (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--data", "/nonexistent/data"], "no such folder"),
         (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1"], "--data"),
     ],

@@ -1,5 +1,6 @@
 """`mm1 plan`: rank the parallel layouts of a config for a GPU count by estimated throughput,
-with per-GPU memory, and say why every other layout does not fit."""
+with per-GPU memory, say why every other layout does not fit, and whether the config's own
+layout fits."""
 
 from __future__ import annotations
 
@@ -23,12 +24,22 @@ def _table(result: dict, top: int) -> str:
     return "\n".join(rows)
 
 
+def _preset_line(result: dict) -> str:
+    """One line on the config's own layout: fits or why not, and what to use instead."""
+    own = result["preset_layout"]
+    if own["fits"]:
+        return f"the config's own layout {own['name']} fits: {own['memory_gib']['total']:.1f} GiB per GPU"
+    name = own["name"] or "tp{tp}pp{pp}".format(**own["layout"])  # no name without a DP
+    line = f"the config's own layout {name} does NOT fit: {own['reason']}"
+    if result["fits"]:
+        line += f"; use instead: {' '.join('--set ' + o for o in result['fits'][0]['overrides'])}"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
-    from megatron_mm1.config import ConfigError, load_config
+    from megatron_mm1.config import load_config
     from megatron_mm1.planner import GPUS, plan
 
-    if args.gpu_type not in GPUS:
-        raise ConfigError(f"--gpu-type {args.gpu_type} is unknown; use one of {', '.join(GPUS)}")
     cfg = load_config(args.config, args.set)
     result = plan(cfg, args.gpus, GPUS[args.gpu_type], args.images_per_seq)
     if args.json:
@@ -42,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         f"{'distributed' if result['distributed_optimizer'] else 'replicated'} optimizer (training.distributed_optimizer), "
         f"layer spec {cfg.model.layer_spec}\n"
     )
+    print(_preset_line(result) + "\n")
     if result["fits"]:
         print(f"{len(result['fits'])} layouts fit; the best {min(args.top, len(result['fits']))} (memory: most loaded GPU, GiB):\n")
         print(_table(result, args.top))
@@ -56,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from megatron_mm1.planner import GPUS
+
     p = subparsers.add_parser(
         "plan",
         help="rank parallel layouts for N GPUs by estimated throughput and memory",
@@ -65,7 +79,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--config", required=True, help="preset name or YAML path")
     p.add_argument("--gpus", type=int, required=True, help="total GPU count")
-    p.add_argument("--gpu-type", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb or a100-40gb")
+    p.add_argument("--gpu-type", default="h100-80gb", choices=GPUS, help="GPU model (default h100-80gb)")
     p.add_argument("--images-per-seq", type=int, default=None,
                    help="images per sequence for activation memory (default: model.max_images_per_sequence, the worst case)")
     p.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")

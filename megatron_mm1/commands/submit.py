@@ -10,6 +10,7 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from megatron_mm1.config import ConfigError
+    from megatron_mm1.planner import GPUS, evaluate_config_layout, fit_warning
     from megatron_mm1.slurm import Job, check, cluster_has_gpus, render, submit
 
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -25,10 +26,17 @@ def run(args: argparse.Namespace) -> int:
         account=args.account, qos=args.qos, max_restarts=args.max_restarts,
         rdzv_timeout=args.rdzv_timeout, job_name=args.job_name,
     )
-    check(job.config, job.world_size, data, args.steps, args.set)  # before anything is submitted
+    cfg = check(job.config, job.world_size, data, args.steps, args.set)  # before anything is submitted
     script = render(job)
     what = "GPUs" if device == "gpu" else "CPU processes"
     summary = f"{args.config}: {args.nodes} nodes x {args.gpus_per_node} {what} = world size {job.world_size}, valid"
+    if device == "gpu" and cfg.training.engine == "megatron":  # the planner models megatron's engine on GPUs
+        gpu = GPUS[args.gpu_type]
+        own = evaluate_config_layout(cfg, job.world_size, gpu)
+        summary += (f"; planner (mm1 plan): layout {own['name']} ~{own['memory_gib']['total']:.1f} GiB per GPU, "
+                    f"{'fits' if own['fits'] else 'does NOT fit'} {gpu.memory_gib} GiB of a {gpu.name}")
+        if not own["fits"]:
+            print(fit_warning(cfg, job.world_size, gpu, own), file=sys.stderr)  # a warning: submit anyway
     if args.dry_run:
         print(f"# {summary}", file=sys.stderr)
         print(script, end="")
@@ -51,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     from megatron_mm1.commands.train import add_train_arguments
+    from megatron_mm1.planner import GPUS
 
     p = subparsers.add_parser(
         "submit",
@@ -63,6 +72,7 @@ def add_parser(subparsers) -> None:
     add_train_arguments(p)
     p.add_argument("--nodes", type=int, required=True, help="nodes (one torchrun per node)")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node, one process each (on clusters without GPUs: processes per node)")
+    p.add_argument("--gpu-type", choices=GPUS, default="h100-80gb", help="GPU model of the nodes, for the planner's memory check of the layout (default h100-80gb)")
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="gpu: request GPUs; cpu: CPU processes (gloo); auto: cpu when sinfo shows no GPU GRES (default)")
     p.add_argument("--time", help="time limit of one allocation, e.g. 04:00:00 or 2-00:00:00 (default: the template's)")
     p.add_argument("--partition", help="Slurm partition")

@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_mm1.config import Config
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
@@ -32,13 +37,30 @@ def worker_args(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     return argv
 
 
+def warn_if_layout_does_not_fit(cfg: Config, world_size: int, local_rank: int) -> None:
+    """On a GPU, print the planner's suggestion to stderr when the layout is estimated not to
+    fit this GPU's memory at `world_size` processes; never blocks the run."""
+    import torch
+
+    if cfg.training.engine != "megatron" or not torch.cuda.is_available():
+        return  # the planner models megatron's engine on a GPU
+    from megatron_mm1.planner import evaluate_config_layout, fit_warning, measured_gpu
+
+    props = torch.cuda.get_device_properties(local_rank)
+    gpu = measured_gpu(props.name, props.total_memory)
+    own = evaluate_config_layout(cfg, world_size, gpu)
+    if not own["fits"]:
+        print(fit_warning(cfg, world_size, gpu, own), file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from megatron_mm1.config import config_to_dict, load_config, validate
-    from megatron_mm1.runtime import dist_env
+    from megatron_mm1.runtime import dist_env, set_cuda_environment
 
     overrides = overrides_from_args(args)
     launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
-    world_size = dist_env().world_size if launched else args.nproc
+    env = dist_env()
+    world_size = env.world_size if launched else args.nproc
     cfg = load_config(args.config, overrides)
     validate(cfg, world_size=world_size)  # before any process starts
     if cfg.training.engine == "deepspeed":
@@ -50,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"world_size": world_size, "config": config_to_dict(cfg)}, indent=1))
         return 0
+    set_cuda_environment(cfg)  # before the fit check below queries the GPU
+    if env.rank == 0:  # under torchrun or srun every process runs this: warn once
+        warn_if_layout_does_not_fit(cfg, world_size, env.local_rank)
     if launched or args.nproc == 1:
         from megatron_mm1.train import main
 

@@ -148,8 +148,10 @@ class MultimodalLoader:
         if self.num_workers == 0 or not self.images:
             batches = map(pixels.__getitem__, planner)
         else:
+            # Pinned batches copy to the GPU asynchronously (device.to_device).
             batches = torch.utils.data.DataLoader(pixels, sampler=planner, batch_size=None, collate_fn=_identity,
-                                                  num_workers=self.num_workers, prefetch_factor=2)
+                                                  num_workers=self.num_workers, prefetch_factor=2,
+                                                  pin_memory=torch.cuda.is_available())
         for batch in batches:
             self._state = batch.pop("state")
             yield batch

@@ -1,7 +1,8 @@
 """Compare a converted Hugging Face model with its source MM1 checkpoint on the same inputs.
 
-Both run in fp32 in this process, with the same weights (the checkpoint's, whatever its dtype):
-the megatron MM1Model (TP = PP = EP = 1) and the transformers model loaded from the folder.
+Both run in fp32 (no TF32) on the run's device in this process, with the same weights (the
+checkpoint's, whatever its dtype): the megatron MM1Model (TP = PP = EP = 1) and the
+transformers model loaded from the folder.
 Prompts are single unpacked sequences (a plain causal mask) with 0, 1 and 3 images at random
 positions, in the synthetic data of megatron_mm1.synthetic.
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from megatron_mm1.config import Config
 from megatron_mm1.data.packing import attention_mask_from_segments
+from megatron_mm1.device import check_placement, device
 from megatron_mm1.hf.megatron_io import MegatronCheckpoint
 from megatron_mm1.synthetic import synthetic_microbatch
 
@@ -34,11 +36,11 @@ def prompts(cfg: Config, text_only: bool, seed: int = 0) -> list[dict[str, torch
 
 def megatron_model(ckpt: MegatronCheckpoint):
     """The checkpoint's MM1Model in fp32, filled group by group."""
-    from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.models.mm1 import build_model
     from megatron_mm1.runtime import single_process
 
-    cfg = dataclasses.replace(ckpt.cfg, training=dataclasses.replace(ckpt.cfg.training, bf16=False))
-    model = MM1Model(single_process(cfg)).eval()
+    (model,) = build_model(single_process(dataclasses.replace(ckpt.cfg, training=dataclasses.replace(ckpt.cfg.training, bf16=False))))
+    model.eval()
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for names in ckpt.groups().values():
@@ -57,10 +59,12 @@ def hf_model(hf_dir: str | Path, text_only: bool):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if text_only:
-        return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    return AutoModelForImageTextToText.from_pretrained(
-        str(hf_dir), trust_remote_code=True, dtype=torch.float32
-    ).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32)
+    model = model.to(device()).eval()
+    check_placement([model])
+    return model
 
 
 def hf_logits(model, tokens: torch.Tensor, images: torch.Tensor, text_only: bool) -> torch.Tensor:
@@ -84,16 +88,17 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float
 
 def verify(checkpoint: str | Path, hf_dir: str | Path, text_only: bool = False) -> dict[str, float]:
     """Worst case over the prompts of `compare`'s figures."""
+    # Full fp32 on a GPU too: TF32 matmuls and convolutions differ from fp32 by ~1e-3.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ckpt = MegatronCheckpoint(checkpoint)
     reference = megatron_model(ckpt)
     converted = hf_model(hf_dir, text_only)
-    results = [
-        compare(
-            megatron_logits(reference, p["tokens"], p["images"]),
-            hf_logits(converted, p["tokens"], p["images"], text_only),
+    results = []
+    for prompt in prompts(ckpt.cfg, text_only):
+        tokens, images = prompt["tokens"].to(device()), prompt["images"].to(device())
+        results.append(
+            compare(megatron_logits(reference, tokens, images), hf_logits(converted, tokens, images, text_only))
         )
-        for p in prompts(ckpt.cfg, text_only)
-    ]
     return {
         "max_abs_diff": max(r["max_abs_diff"] for r in results),
         "mean_kl": max(r["mean_kl"] for r in results),

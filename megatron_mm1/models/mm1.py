@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mm1 import cpu_compat
 from megatron_mm1.config import Config
+from megatron_mm1.device import check_placement, device
 from megatron_mm1.models.connector import build_connector
 from megatron_mm1.models.specs import SWIGLU_FUSION, llm_block_spec
 from megatron_mm1.models.vision import VisionEncoder
@@ -37,6 +38,10 @@ def _recompute(mode: str) -> dict:
 
 def _common_config(cfg: Config) -> dict:
     p, t = cfg.parallel, cfg.training
+    # megatron's layers allocate and initialise on the device (torch.cuda.current_device()),
+    # except on the meta device (layouts, parameter counts): there they must allocate without
+    # a device of their own, which their CPU-initialisation path does.
+    on_meta = torch.get_default_device().type == "meta"
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     return dict(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -47,7 +52,8 @@ def _common_config(cfg: Config) -> dict:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.model.init_method_std,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=on_meta,
+        perform_initialization=not on_meta,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
@@ -257,17 +263,21 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: Config) -> list[MM1Model]:
-    """This rank's model chunks (one per virtual pipeline stage)."""
+    """This rank's model chunks (one per virtual pipeline stage), made on the run's device:
+    megatron's layers allocate there themselves; the plain torch modules (patch embedding,
+    norms, connector) through the default device."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        chunks.append(
-            MM1Model(
-                cfg,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                vp_stage=stage,
+    with torch.device(device()):
+        for vp_stage in range(vpp or 1):
+            stage = vp_stage if vpp else None
+            chunks.append(
+                MM1Model(
+                    cfg,
+                    pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                    post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                    vp_stage=stage,
+                )
             )
-        )
+    check_placement(chunks)
     return chunks
