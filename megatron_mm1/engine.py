@@ -9,7 +9,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
