@@ -39,7 +39,8 @@ def megatron_model(ckpt: MegatronCheckpoint):
     from megatron_mm1.models.mm1 import build_model
     from megatron_mm1.runtime import single_process
 
-    (model,) = build_model(single_process(dataclasses.replace(ckpt.cfg, training=dataclasses.replace(ckpt.cfg.training, bf16=False))))
+    fp32 = dataclasses.replace(ckpt.cfg, training=dataclasses.replace(ckpt.cfg.training, bf16=False))
+    (model,) = build_model(single_process(fp32))
     model.eval()
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
