@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """CLIP ViT image encoder (pre-LN, QuickGELU, class token)."""
+    """CLIP ViT image encoder (pre-LN, class token)."""
 
     image_size: int = 378
     patch_size: int = 14
@@ -32,6 +32,8 @@ class VisionConfig:
     num_attention_heads: int = 16
     ffn_hidden_size: int = 5120
     layernorm_epsilon: float = 1e-5
+    # The MLP's activation: quick_gelu (OpenAI's CLIP) or gelu (the LAION and DFN ViT-H).
+    activation: str = "quick_gelu"
     # Which encoder layer's output feeds the connector: -1 the last, -2 the penultimate, or a
     # 1-based layer number. Layers after it are never run, so they are not built.
     feature_layer: int = -1
@@ -48,6 +50,8 @@ class VisionConfig:
     def num_layers_used(self) -> int:
         return self.num_layers + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
 
+
+VISION_ACTIVATIONS = ("quick_gelu", "gelu")
 
 # Named encoders, usable as `--set model.vision=vit-l-14-336`.
 VISION_PRESETS = {
@@ -86,6 +90,24 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE context extension, as transformers' `rope_parameters` name it.
+
+    default: none. linear: positions divided by `factor`. llama3: Llama 3.1's per-frequency
+    interpolation (`factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`)."""
+
+    type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+
+ROPE_SCALING_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
 class LLMConfig:
     """Decoder-only LLM: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
 
@@ -97,8 +119,20 @@ class LLMConfig:
     vocab_size: int = 64000
     max_sequence_length: int = 4096
     rotary_base: int = 500000
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-5
     qk_layernorm: bool = False
+    kv_channels: Optional[int] = None  # per-head width; None: hidden_size / num_attention_heads
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    tie_embeddings: bool = False  # the output layer reuses the input embedding (Llama-3.2 1B/3B)
+    # The transformers family `mm1 convert to-hf` writes (llama, mistral, qwen2, qwen3,
+    # mixtral, qwen2_moe, qwen3_moe); None: the first that computes this decoder exactly.
+    # `from-hf` records the source's.
+    hf_model_type: Optional[str] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -362,11 +396,36 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         errors,
     )
     _check(
-        llm.hidden_size % llm.num_attention_heads == 0,
+        llm.kv_channels is not None or llm.hidden_size % llm.num_attention_heads == 0,
         f"model.llm.hidden_size={llm.hidden_size} is not divisible by "
-        f"model.llm.num_attention_heads={llm.num_attention_heads}",
+        f"model.llm.num_attention_heads={llm.num_attention_heads}; set model.llm.kv_channels",
         errors,
     )
+    rope = llm.rope_scaling
+    _check(
+        rope.type in ROPE_SCALING_TYPES,
+        f"model.llm.rope_scaling.type='{rope.type}' is unknown; use one of {', '.join(ROPE_SCALING_TYPES)}",
+        errors,
+    )
+    _check(
+        rope.type == "default" or rope.factor >= 1,
+        f"model.llm.rope_scaling.factor={rope.factor} must be >= 1",
+        errors,
+    )
+    _check(
+        rope.type != "llama3" or (rope.original_max_position_embeddings or 0) > 0,
+        f"model.llm.rope_scaling.type={rope.type} needs model.llm.rope_scaling.original_max_position_embeddings",
+        errors,
+    )
+    _check(
+        rope.type != "llama3" or rope.high_freq_factor > rope.low_freq_factor,
+        "model.llm.rope_scaling.high_freq_factor must be above low_freq_factor",
+        errors,
+    )
+    if llm.hf_model_type is not None:
+        from megatron_mm1.hf.hf_config import export_problems
+
+        errors += [f"model.llm.hf_model_type: {p}" for p in export_problems(cfg)]
     _check(
         llm.ffn_hidden_size % tp == 0,
         f"model.llm.ffn_hidden_size={llm.ffn_hidden_size} is not divisible by "
@@ -413,6 +472,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         v.ffn_hidden_size % tp == 0,
         f"model.vision.ffn_hidden_size={v.ffn_hidden_size} is not divisible by "
         f"parallel.tensor_model_parallel_size={tp}",
+        errors,
+    )
+    _check(
+        v.activation in VISION_ACTIVATIONS,
+        f"model.vision.activation='{v.activation}' is unknown; use one of {', '.join(VISION_ACTIVATIONS)}",
         errors,
     )
     _check(

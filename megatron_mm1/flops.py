@@ -41,7 +41,7 @@ def segment_lengths(segment_ids: torch.Tensor) -> list[int]:
 
 def _llm_forward(cfg: Config, lengths: list[int], causal: bool) -> dict[str, float]:
     llm, moe = cfg.model.llm, cfg.model.moe
-    h, d = llm.hidden_size, llm.hidden_size // llm.num_attention_heads
+    h, d = llm.hidden_size, llm.head_dim
     q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
     tokens = sum(lengths)
     pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)

@@ -146,9 +146,9 @@ def rank_parameters(cfg: Config, pp_rank: int) -> dict[str, int]:
     llm, moe, p = cfg.model.llm, cfg.model.moe, cfg.parallel
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
-    h, d = llm.hidden_size, llm.hidden_size // llm.num_attention_heads
+    h, d = llm.hidden_size, llm.head_dim
     q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
-    attention = h + (q + 2 * kv) * h // tp + h * q // tp + (2 * d if llm.qk_layernorm else 0) + h
+    attention = h + (q + 2 * kv) * (h + llm.qkv_bias) // tp + h * q // tp + (2 * d if llm.qk_layernorm else 0) + h
     dense_mlp = 3 * llm.ffn_hidden_size * h // tp
     expert_ffn = moe.ffn_hidden_size or llm.ffn_hidden_size
     dense = expert = 0
@@ -162,8 +162,8 @@ def rank_parameters(cfg: Config, pp_rank: int) -> dict[str, int]:
                 dense += dense_mlp
     if pp_rank == 0:  # first chunk: embeddings and the vision side
         dense += llm.vocab_size * h // tp + _vision_parameters(cfg, tp) + _connector_parameters(cfg)
-    if pp_rank == pp - 1:  # last chunk: final norm and output layer
-        dense += h + llm.vocab_size * h // tp
+    if pp_rank == pp - 1:  # last chunk: final norm and output layer (a tied one is the embedding)
+        dense += h + (0 if llm.tie_embeddings and pp == 1 else llm.vocab_size * h // tp)
     return {"dense": dense, "expert": expert, "total": dense + expert}
 
 

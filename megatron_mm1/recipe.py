@@ -18,9 +18,9 @@ def llm_non_embedding_params(cfg: Config) -> int:
     """N of MM1's fit: the LLM's parameters without the input and output embeddings. For MoE,
     the parameters used per token (router plus top-k experts)."""
     llm, moe = cfg.model.llm, cfg.model.moe
-    head_dim = llm.hidden_size // llm.num_attention_heads
+    head_dim = llm.head_dim
     h = llm.hidden_size
-    attention = h * head_dim * (llm.num_attention_heads + 2 * llm.num_query_groups)  # qkv
+    attention = (h + llm.qkv_bias) * head_dim * (llm.num_attention_heads + 2 * llm.num_query_groups)  # qkv
     attention += llm.num_attention_heads * head_dim * h  # output projection
     if llm.qk_layernorm:
         attention += 2 * head_dim

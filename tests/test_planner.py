@@ -35,6 +35,9 @@ LAYOUTS = [
     ("tiny", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.layer_spec=fast"]),
     ("tiny", ["parallel.pipeline_model_parallel_size=2"]),
     ("tiny", ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
+    # Imported-model features: the last stage's copy of a tied embedding, q/k/v biases, wider heads.
+    ("tiny", ["parallel.pipeline_model_parallel_size=2", "model.llm.tie_embeddings=true", "model.llm.qkv_bias=true",
+              "model.llm.kv_channels=32"]),
     ("tiny-moe", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     ("tiny-moe", ["parallel.pipeline_model_parallel_size=2"]),
     ("tiny-moe", ["parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"]),

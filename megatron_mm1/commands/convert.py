@@ -70,8 +70,9 @@ def add_parser(subparsers) -> None:
         "from-hf",
         help="Hugging Face folder(s) -> MM1 checkpoint",
         description="Initialise an MM1 checkpoint from an exported MM1 folder, or from a native "
-        "causal LM folder (Llama, Qwen3, Qwen2-MoE, Qwen3-MoE) plus optionally a CLIP vision "
-        "folder; parts without a source are freshly initialised.",
+        "causal LM folder (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) plus "
+        "optionally a CLIP vision folder; parts without a source are freshly initialised. "
+        "Inexact sources are refused by name (see docs/convert.md).",
     )
     fr.add_argument("--hf", required=True, help="MM1 folder (from to-hf) or native causal-LM folder")
     fr.add_argument("--out", required=True, help="checkpoint folder to create (must not exist)")

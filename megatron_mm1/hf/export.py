@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from megatron_mm1.config import Config, ConfigError, config_to_dict
 from megatron_mm1.hf.hf_io import ShardWriter
-from megatron_mm1.hf.mapping import (
-    BOS_ID, EOS_ID, MM1_LLM_PREFIX, MM1_VISION_PREFIX, PAD_ID, NameMap, text_config, vision_config,
-)
+from megatron_mm1.hf.hf_config import BOS_ID, EOS_ID, PAD_ID, text_config, vision_config
+from megatron_mm1.hf.mapping import MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap
 from megatron_mm1.hf.megatron_io import MegatronCheckpoint
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"

@@ -2,11 +2,11 @@
 
 Sources:
 - an MM1 folder written by `to-hf`: everything, with the training config it carries;
-- a native causal LM folder (Llama, Qwen3, Qwen2-MoE, Qwen3-MoE): the LLM; the config is
-  `--config` with the LLM's shape taken from the folder; plus optionally `--vision` a CLIP
-  folder (CLIPVisionModel or CLIPModel) for the encoder. Parts without a source (the
-  connector, or the encoder without --vision) keep their fresh initialisation (seed
-  training.seed).
+- a native causal LM folder (hf_config.FAMILIES: Llama, Mistral, Qwen2, Qwen3, Mixtral,
+  Qwen2-MoE, Qwen3-MoE): the LLM; the config is `--config` with the LLM's shape taken from the
+  folder; plus optionally `--vision` a CLIP folder (CLIPVisionModel or CLIPModel) for the
+  encoder. Parts without a source (the connector, or the encoder without --vision) keep their
+  fresh initialisation (seed training.seed).
 
 The checkpoint is written as megatron saves a one-process model (TP = PP = EP = 1);
 dist_checkpointing reshards it on load. It is written one parameter at a time, each read from
@@ -27,10 +27,8 @@ from megatron_mm1.checkpoint import save_config
 from megatron_mm1.config import Config, ConfigError, _build, _merge, config_to_dict, load_config, parse_override
 from megatron_mm1.hf.export import staging_dir
 from megatron_mm1.hf.hf_io import HFFolder
-from megatron_mm1.hf.mapping import (
-    CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap,
-    llm_fields_from_hf, vision_fields_from_hf,
-)
+from megatron_mm1.hf.hf_config import llm_fields_from_hf, vision_fields_from_hf
+from megatron_mm1.hf.mapping import CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap
 from megatron_mm1.hf.megatron_io import sharded_layout, write_model
 from megatron_mm1.models.mm1 import image_connector, vision_encoder
 from megatron_mm1.runtime import single_process
@@ -51,7 +49,7 @@ def import_config(
     else:
         tree = config_to_dict(load_config(config or "mm1-3b"))
         fields = llm_fields_from_hf(hf.config)
-        tree["model"]["llm"].update(fields["llm"])
+        tree["model"]["llm"].update(fields["llm"])  # rope_scaling whole: unset fields are defaults
         tree["model"]["moe"].update(fields["moe"])
         if vision is not None:
             tree["model"]["vision"].update(vision_fields_from_hf(vision.config))
@@ -84,8 +82,6 @@ def from_hf(
         sources = [(NameMap(cfg, None, "", connector=False), hf)]
         if vision is not None:
             sources.append((NameMap(cfg, clip_prefix(vision), None, connector=False), vision))
-    tied = not is_mm1 and hf.config.get("tie_word_embeddings", False)
-
     single = single_process(cfg)
 
     def covering(name: str):
@@ -95,6 +91,7 @@ def from_hf(
     fresh = {name.split(".")[0] for name in layout[0] if covering(name) is None}
     if "llm" in fresh:
         raise ConfigError(f"{hf.path} does not hold the language model this configuration needs")
+    check_every_tensor_used([name for name in layout[0] if name.split(".")[0] not in fresh], sources)
     built = {part: build(single).state_dict() for part, build in FRESH_PARTS.items() if part in fresh}
 
     def tensor_for(name: str, like: torch.Tensor) -> torch.Tensor:
@@ -102,7 +99,7 @@ def from_hf(
         if found is None:
             part, rest = name.split(".", 1)
             return built[part][rest]
-        return _read(name, like, *found, tied=tied).to(like.dtype)
+        return _read(name, like, *found).to(like.dtype)
 
     try:
         tmp.mkdir(parents=True)
@@ -126,16 +123,32 @@ def clip_prefix(vision: HFFolder) -> str:
     raise ConfigError(f"--vision {vision.path}: no CLIP vision tower weights (embeddings.class_embedding)")
 
 
-def _read(name: str, like: torch.Tensor, names: NameMap, src: HFFolder, tied: bool) -> torch.Tensor:
+def check_every_tensor_used(megatron_names: list[str], sources: list[tuple[NameMap, HFFolder]]) -> None:
+    """Refuse, before anything is written, a source folder that lacks a tensor the model needs
+    or holds one that the conversion would not read (a bias, a layer, an expert more than the
+    config says), naming them."""
+    problems = []
+    for names, src in sources:
+        needed = {n for name in megatron_names if names.covers(name) for n in names.hf_names(name)}
+        missing = sorted(needed - set(src.names()))
+        extra = sorted(n for n in set(src.names()) - needed if names.unused(n) is None)
+        if missing:
+            problems.append(f"{src.path} lacks {len(missing)} tensor(s) the model needs: {_some(missing)}")
+        if extra:
+            problems.append(
+                f"{src.path} holds {len(extra)} tensor(s) that this configuration would not read: {_some(extra)}"
+            )
+    if problems:
+        raise ConfigError("refusing an inexact conversion:\n  - " + "\n  - ".join(problems))
+
+
+def _some(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _read(name: str, like: torch.Tensor, names: NameMap, src: HFFolder) -> torch.Tensor:
     hf_names = names.hf_names(name)
-    if tied and hf_names == ["lm_head.weight"] and "lm_head.weight" not in src:
-        hf_names = ["model.embed_tokens.weight"]  # tied input/output embeddings
-    missing = [n for n in hf_names if n not in src]
-    if missing:
-        raise ConfigError(
-            f"{src.path} has no tensor {missing[0]} (needed for {name}); "
-            "it is not a model of this configuration"
-        )
     tensor = names.from_hf(name, [src.get(n) for n in hf_names])
     if tensor.shape != like.shape:
         raise ConfigError(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import quick_gelu
 from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -94,7 +95,8 @@ def llm_transformer_config(cfg: Config) -> TransformerConfig:
         ffn_hidden_size=llm.ffn_hidden_size,
         num_attention_heads=llm.num_attention_heads,
         num_query_groups=llm.num_query_groups,
-        kv_channels=llm.hidden_size // llm.num_attention_heads,
+        kv_channels=llm.head_dim,
+        add_qkv_bias=llm.qkv_bias,
         normalization="RMSNorm",
         layernorm_epsilon=llm.norm_epsilon,
         qk_layernorm=llm.qk_layernorm,
@@ -121,9 +123,33 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
         normalization="LayerNorm",
         layernorm_epsilon=v.layernorm_epsilon,
         gated_linear_unit=False,
-        activation_func=quick_gelu,
+        activation_func=VISION_ACTIVATIONS[v.activation],
         add_bias_linear=True,
         add_qkv_bias=True,
+    )
+
+
+# The ViT MLP's activation (model.vision.activation): OpenAI CLIP's QuickGELU, or the exact
+# (erf) GELU of the LAION and DFN encoders.
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+def rope_options(cfg: Config) -> dict:
+    """GPTModel's position-embedding arguments for model.llm.rope_scaling (llama3 is applied
+    after construction, by `_apply_llama3_scaling`)."""
+    rope = cfg.model.llm.rope_scaling
+    factor = rope.factor if rope.type == "linear" else None
+    return dict(position_embedding_type="rope", seq_len_interpolation_factor=factor)
+
+
+def _apply_llama3_scaling(rope: RotaryEmbedding, cfg: Config) -> None:
+    """Llama 3.1's RoPE scaling with every parameter of the source (GPTModel passes only the
+    factor to megatron's own `_apply_scaling`, fixing the rest at Llama 3.1's values)."""
+    r = cfg.model.llm.rope_scaling
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq, factor=r.factor, low_freq_factor=r.low_freq_factor,
+        high_freq_factor=r.high_freq_factor,
+        original_max_position_embeddings=r.original_max_position_embeddings,
     )
 
 
@@ -162,7 +188,9 @@ class MM1Model(MegatronModule):
         self.post_process = post_process
         self.sequence_parallel = llm_config.sequence_parallel
         self.model_type = ModelType.encoder_or_decoder
-        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
+        # Read by megatron's finalize_model_grads, which all-reduces a tied embedding's gradient
+        # between the first and the last pipeline stage.
+        self.share_embeddings_and_output_weights = m.llm.tie_embeddings
         self.vision = self.connector = None
         if pre_process:
             self.vision, self.connector = vision_encoder(cfg), image_connector(cfg)
@@ -173,11 +201,13 @@ class MM1Model(MegatronModule):
             max_sequence_length=m.llm.max_sequence_length,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
+            share_embeddings_and_output_weights=m.llm.tie_embeddings,
             rotary_base=m.llm.rotary_base,
             vp_stage=vp_stage,
+            **rope_options(cfg),
         )
+        if m.llm.rope_scaling.type == "llama3":
+            _apply_llama3_scaling(self.llm.rotary_pos_emb, cfg)
         for module, frozen in (
             (self.vision, m.freeze_vision),
             (self.connector, m.freeze_connector),
@@ -185,6 +215,9 @@ class MM1Model(MegatronModule):
         ):
             if module is not None and frozen:
                 module.requires_grad_(False)
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.llm.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)

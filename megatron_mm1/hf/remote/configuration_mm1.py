@@ -1,7 +1,7 @@
 """MM1 configuration for Hugging Face transformers (written next to an exported checkpoint).
 
 An MM1 model is a CLIP vision tower (transformers' `CLIPVisionModel`), a vision-language connector
-(defined in `modeling_mm1.py`) and a native transformers causal LM (Llama, Qwen3, Qwen2-MoE or
+(defined in `modeling_mm1.py`) and a native transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE or
 Qwen3-MoE). This file is self-contained: it needs only transformers.
 """
 
