@@ -3,11 +3,12 @@
 Reading accepts every layout transformers has written for the supported families: RoPE as
 `rope_parameters` (transformers 5) or top-level `rope_theta`/`rope_scaling` (4.x) with
 `rope_type` or the older `type`; the expert count as `num_experts`, `num_local_experts` or
-`n_routed_experts`; `dtype` or `torch_dtype`. A key that is absent means the default of the
-config class of the transformers version that wrote the folder (`DEFAULTS`, with the changes
-across versions in `CHANGED_DEFAULTS`). Every key is either mapped exactly, known not to change
-the model's computation (`BOOKKEEPING`), or refused by name with its value: a conversion that
-could be silently wrong is refused instead.
+`n_routed_experts`; `dtype` or `torch_dtype`. A key that is absent means its config class's
+default (`DEFAULTS`). For every key read here, transformers 4.55/4.57 and 5 have the same
+defaults (checked against their sources; Qwen2-MoE folders written before the `qkv_bias` key
+existed have biases, which is the key's default). Every key is either mapped exactly, known not
+to change the model's computation (`BOOKKEEPING`), or refused by name with its value: a
+conversion that could be silently wrong is refused instead.
 
 Writing (`text_config`, `vision_config`) gives the native transformers config, in
 transformers 5's layout, of the family the MM1 config names (`model.llm.hf_model_type`) or,
@@ -75,9 +76,6 @@ DEFAULTS: dict[str, dict] = {
         moe_intermediate_size=768, norm_topk_prob=False,
     ),
 }
-# Defaults that transformers 4.x had and 5 changed: (family, key) -> 4.x value.
-CHANGED_DEFAULTS: dict[tuple[str, str], object] = {}
-
 # Keys that do not change what the model computes (training settings MM1 has its own of,
 # generation and bookkeeping).
 BOOKKEEPING = {
@@ -102,19 +100,12 @@ ROPE_REFUSED = {
 }
 
 
-def _major(hf: dict) -> int:
-    version = str(hf.get("transformers_version") or "5")
-    return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
-
-
 class _Reader:
-    """One config.json: values with the writing version's defaults, every key accounted for."""
+    """One config.json: values with their class defaults, every key accounted for."""
 
     def __init__(self, hf: dict, family: str):
-        self.hf, self.family = hf, family
-        self.defaults = dict(DEFAULTS[family])
-        if _major(hf) < 5:
-            self.defaults.update({k: v for (f, k), v in CHANGED_DEFAULTS.items() if f == family})
+        self.hf = hf
+        self.defaults = DEFAULTS[family]
         self.used: set[str] = set()
         self.errors: list[str] = []
 
