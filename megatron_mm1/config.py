@@ -23,8 +23,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """CLIP ViT image encoder (pre-LN, class token)."""
+    """ViT image encoder: CLIP's (a class token and a LayerNorm before the layers) or SigLIP's
+    (neither, and a bias on the patch convolution). The encoder's patch grid feeds the connector."""
 
+    arch: str = "clip"  # clip | siglip
+    # The images' side; a remainder after whole patches is cut off, as SigLIP's 384 px / 14 px does.
     image_size: int = 378
     patch_size: int = 14
     hidden_size: int = 1280
@@ -32,11 +35,15 @@ class VisionConfig:
     num_attention_heads: int = 16
     ffn_hidden_size: int = 5120
     layernorm_epsilon: float = 1e-5
-    # The MLP's activation: quick_gelu (OpenAI's CLIP) or gelu (the LAION and DFN ViT-H).
+    # The MLP's activation: quick_gelu (OpenAI's CLIP), gelu (the LAION and DFN ViT-H) or
+    # gelu_pytorch_tanh (SigLIP).
     activation: str = "quick_gelu"
     # Which encoder layer's output feeds the connector: -1 the last, -2 the penultimate, or a
     # 1-based layer number. Layers after it are never run, so they are not built.
     feature_layer: int = -1
+    # The transformers class the weights came from, written back by `to-hf`: clip_vision_model,
+    # siglip_vision_model or siglip2_vision_model (null: the arch's own).
+    hf_model_type: Optional[str] = None
 
     @property
     def grid_size(self) -> int:
@@ -47,11 +54,21 @@ class VisionConfig:
         return self.grid_size**2
 
     @property
+    def sequence_length(self) -> int:
+        """Tokens per image in the encoder: the patches, and CLIP's class token."""
+        return self.num_patches + (self.arch == "clip")
+
+    @property
     def num_layers_used(self) -> int:
         return self.num_layers + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
 
 
-VISION_ACTIVATIONS = ("quick_gelu", "gelu")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+# The transformers vision classes of each arch.
+VISION_HF_MODEL_TYPES = {
+    "clip": ("clip_vision_model",),
+    "siglip": ("siglip_vision_model", "siglip2_vision_model"),
+}
 
 # Named encoders, usable as `--set model.vision=vit-l-14-336`.
 VISION_PRESETS = {
@@ -95,16 +112,38 @@ class RopeScalingConfig:
 
     default: none. linear: positions divided by `factor`. llama3: Llama 3.1's per-frequency
     interpolation (`factor`, `low_freq_factor`, `high_freq_factor`,
-    `original_max_position_embeddings`)."""
+    `original_max_position_embeddings`). yarn: YaRN's ramp from interpolated (/ `factor`) to
+    original frequencies between `beta_slow` and `beta_fast` rotations in
+    `original_max_position_embeddings` (its ends rounded out to whole dimensions if `truncate`),
+    with cos and sin scaled by `attention_factor` (None: 0.1 ln(factor) + 1). dynamic: dynamic NTK,
+    which rescales the frequencies only for sequences longer than model.llm.max_sequence_length
+    (transformers' max_position_embeddings), which MM1 never runs: the default RoPE wherever MM1
+    computes, kept so that the export is the source's model again."""
 
-    type: str = "default"  # default | linear | llama3
+    type: str = "default"  # default | linear | llama3 | yarn | dynamic
     factor: float = 1.0
     original_max_position_embeddings: Optional[int] = None
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: Optional[float] = None
+
+    @property
+    def attention_scale(self) -> float:
+        """What the rotation multiplies queries and keys by (1 but for yarn)."""
+        if self.type != "yarn":
+            return 1.0
+        return self.attention_factor if self.attention_factor is not None else yarn_mscale(self.factor)
 
 
-ROPE_SCALING_TYPES = ("default", "linear", "llama3")
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, as transformers computes it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+ROPE_SCALING_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 @dataclass
@@ -413,7 +452,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         errors,
     )
     _check(
-        rope.type != "llama3" or (rope.original_max_position_embeddings or 0) > 0,
+        rope.type not in ("llama3", "yarn") or (rope.original_max_position_embeddings or 0) > 0,
         f"model.llm.rope_scaling.type={rope.type} needs model.llm.rope_scaling.original_max_position_embeddings",
         errors,
     )
@@ -453,8 +492,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     # Vision shapes.
     _check(
-        v.image_size % v.patch_size == 0,
-        f"model.vision.image_size={v.image_size} is not a multiple of model.vision.patch_size={v.patch_size}",
+        v.arch in VISION_HF_MODEL_TYPES,
+        f"model.vision.arch='{v.arch}' is unknown; use one of {', '.join(VISION_HF_MODEL_TYPES)}",
+        errors,
+    )
+    _check(
+        v.hf_model_type is None or v.hf_model_type in VISION_HF_MODEL_TYPES.get(v.arch, ()),
+        f"model.vision.hf_model_type='{v.hf_model_type}' is not a {v.arch} encoder; use one of "
+        f"{', '.join(VISION_HF_MODEL_TYPES.get(v.arch, ()))} or null",
+        errors,
+    )
+    _check(
+        v.patch_size <= v.image_size,
+        f"model.vision.patch_size={v.patch_size} is larger than model.vision.image_size={v.image_size}",
         errors,
     )
     _check(

@@ -64,7 +64,7 @@ def _llm_forward(cfg: Config, lengths: list[int], causal: bool) -> dict[str, flo
 
 def _vision_forward(cfg: Config, num_images: int) -> dict[str, float]:
     v = cfg.model.vision
-    w, t = v.hidden_size, v.num_patches + 1  # patches + class token, bidirectional attention
+    w, t = v.hidden_size, v.sequence_length  # bidirectional attention
     per_layer = t * (4 * w * w + 2 * w * v.ffn_hidden_size) + 2 * t * t * w
     return {
         "patch_embed": 2.0 * num_images * v.num_patches * 3 * v.patch_size**2 * w,

@@ -124,7 +124,8 @@ def _count_connector(connector: tuple, num_patches: int, vision_width: int, llm_
 def _vision_parameters(cfg: Config, tp: int) -> int:
     v = cfg.model.vision
     w, f = v.hidden_size, v.ffn_hidden_size
-    embed = 3 * v.patch_size**2 * w + w + (v.num_patches + 1) * w + 2 * w  # conv, CLS, positions, ln_pre
+    # conv; CLIP's class token or SigLIP's conv bias; positions; CLIP's ln_pre
+    embed = 3 * v.patch_size**2 * w + w + v.sequence_length * w + (2 * w if v.arch == "clip" else 0)
     # Two LayerNorms; column-parallel QKV and fc1 shard weight and bias; row-parallel proj and
     # fc2 shard the weight and keep the whole bias.
     layer = 4 * w + (3 * w * w + 3 * w) // tp + w * w // tp + w + (w * f + f) // tp + w * f // tp + w
@@ -220,9 +221,9 @@ def mask_bytes(cfg: Config) -> float:
 
 
 def vision_layer_activation_bytes(cfg: Config) -> dict[str, float]:
-    """Bytes one ViT layer keeps for backward per token (patch or CLS) of an image, as above."""
+    """Bytes one ViT layer keeps for backward per token (patch or class token) of an image, as above."""
     v, tp = cfg.model.vision, cfg.parallel.tensor_model_parallel_size
-    w, heads, tokens = v.hidden_size, v.num_attention_heads, v.num_patches + 1
+    w, heads, tokens = v.hidden_size, v.num_attention_heads, v.sequence_length
     norm = 2 * w + 8  # LayerNorm: input, fp32 mean and 1/std
     # The QKV input and output (Q, K, V are views of it), the output projection's input; SDPA's
     # logsumexp or the local spec's fp32 and bf16 probabilities.
@@ -242,7 +243,7 @@ def connector_activation_bytes(cfg: Config, images: int) -> float:
 def _vision_activation_bytes(cfg: Config, images: int) -> float:
     """Bytes the vision encoder and connector keep for backward for `images` images."""
     v = cfg.model.vision
-    tokens = images * (v.num_patches + 1)
+    tokens = images * v.sequence_length
     encoder = tokens * v.num_layers_used * sum(vision_layer_activation_bytes(cfg).values())
     return encoder + connector_activation_bytes(cfg, images)
 

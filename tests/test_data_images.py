@@ -1,4 +1,4 @@
-"""Image decoding, mode conversion, bomb guard and CLIP preprocessing."""
+"""Image decoding, mode conversion, bomb guard and CLIP/SigLIP preprocessing."""
 
 import io
 import struct
@@ -9,12 +9,11 @@ import pytest
 from PIL import Image
 
 from megatron_mm1.data.images import (
-    CLIP_MEAN,
-    CLIP_STD,
     ImageRejected,
-    clip_processor_config,
+    PREPROCESSING,
     load_image,
     preprocess,
+    processor_config,
     resize_and_crop,
 )
 
@@ -99,21 +98,27 @@ def test_resize_shortest_side_and_centre_crop():
     assert tall.size == (56, 56)
 
 
-def test_preprocess_normalises_with_clip_statistics():
-    arr = preprocess(Image.new("RGB", (40, 60), (255, 128, 0)), 28)
+@pytest.mark.parametrize("arch", PREPROCESSING)
+def test_preprocess_normalises_with_the_encoders_statistics(arch):
+    arr = preprocess(Image.new("RGB", (40, 60), (255, 128, 0)), 28, arch)
     assert arr.shape == (3, 28, 28) and arr.dtype == np.float32
+    _, mean, std = PREPROCESSING[arch]
     for c, value in enumerate((255, 128, 0)):
-        assert np.allclose(arr[c], (value / 255 - CLIP_MEAN[c]) / CLIP_STD[c], atol=1e-5)
+        assert np.allclose(arr[c], (value / 255 - mean[c]) / std[c], atol=1e-5)
 
 
-def test_matches_huggingface_clip_image_processor():
+@pytest.mark.parametrize("arch", PREPROCESSING)
+def test_matches_the_huggingface_image_processor(arch):
+    """CLIPImageProcessor (shortest side, centre crop) or SiglipImageProcessor (the whole image
+    squeezed to the square), built from the exported preprocessor_config.json."""
     transformers = pytest.importorskip("transformers")
-    config = clip_processor_config(56)
-    hf = transformers.CLIPImageProcessor(**{k: v for k, v in config.items() if k != "image_processor_type"})
+    config = processor_config(56, arch)
+    hf = getattr(transformers, config["image_processor_type"])(
+        **{k: v for k, v in config.items() if k != "image_processor_type"})
     rng = np.random.default_rng(1)
     for shape in ((90, 130), (130, 90), (56, 56)):
         img = Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
-        ours = preprocess(img, 56)
+        ours = preprocess(img, 56, arch)
         theirs = hf(images=img, return_tensors="np")["pixel_values"][0]
         assert theirs.shape == ours.shape
         # Both resize with PIL bicubic; allow for float rounding of the rescale.

@@ -1,7 +1,8 @@
-"""Importing published model families exactly: tiny random-weight models built with transformers'
-own classes, saved in transformers 5's config layout and in the layout transformers 4.x wrote
-(tests/data/hf4), converted from-hf, compared with the original, trained at TP2 (EP2 for MoE) and
-exported back as the same native class. Inexact sources are refused by name."""
+"""Importing published model families exactly: tiny random-weight LLMs and vision towers (CLIP,
+SigLIP, SigLIP2) built with transformers' own classes, saved in transformers 5's config layout and in
+the layout transformers 4.x wrote (tests/data/hf4), converted from-hf, compared with the original,
+trained at TP2 (EP2 for MoE) and exported back as the same native classes. Inexact sources are
+refused by name."""
 
 import json
 import shutil
@@ -27,7 +28,9 @@ FAMILIES = {
                                 rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     "mixtral": ("mixtral", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=None)),
-    "qwen2": ("qwen2", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    # Qwen2.5's long-context YaRN.
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=128))),
     "qwen2_moe": ("qwen2_moe", dict(MOE, num_experts=4, shared_expert_intermediate_size=0, mlp_only_layers=[1],
                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
     "qwen3": ("qwen3", dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
@@ -37,6 +40,17 @@ FAMILIES = {
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+# RoPE scaling variants beyond FAMILIES' (5's layout): YaRN's frequencies, ramp options and
+# attention factor; dynamic NTK, which changes nothing up to max_position_embeddings.
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64)
+ROPE_VARIANTS = {
+    "dynamic": ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "llama": ("llama", dict(head_dim=16, rope_parameters=YARN)),
+    "qwen2": ("qwen2", dict(rope_parameters=dict(YARN, original_max_position_embeddings=32))),
+    "attention_factor": ("llama", dict(rope_parameters=dict(YARN, attention_factor=1.7))),
+    "mscale": ("llama", dict(rope_parameters=dict(YARN, mscale=1.3, mscale_all_dim=0.6))),
+    "no_truncate_betas": ("llama", dict(rope_parameters=dict(YARN, truncate=False, beta_fast=8.0, beta_slow=0.5))),
+}
 LENGTHS = (16, 64, 256)
 MAX_ABS_DIFF = 1e-4
 
@@ -50,10 +64,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
 
 
-def hf_model(name: str):
+def hf_model(name: str, families: dict = FAMILIES):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, extra = FAMILIES[name]
+    model_type, extra = families[name]
     config = AutoConfig.for_model(model_type, **{**SHAPE, **extra})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     randomize(model, seed=len(name))
@@ -78,6 +92,40 @@ def sources(tmp_path_factory):
     from megatron_mm1.runtime import shutdown
 
     shutdown()
+
+
+# tests/data/hf4 fixture -> transformers vision class; the transformers 5 model is built from the
+# fixture's shape (56 px, 14 px patches: a 4 x 4 grid).
+ENCODERS = {"clip_gelu": "CLIPVisionModel", "clip_quick_gelu": "CLIPVisionModel",
+            "siglip": "SiglipVisionModel", "siglip2": "Siglip2VisionModel"}
+ENCODER_KEYS = ("image_size", "num_patches", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "hidden_act", "layer_norm_eps")
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """name -> (the transformers vision model, its folder, the 4.x config.json it matches)."""
+    import transformers
+    from transformers import AutoConfig
+
+    out = {}
+    for name, cls in ENCODERS.items():
+        fixture = json.loads((HF4 / f"{name}.json").read_text())
+        config = AutoConfig.for_model(fixture["model_type"], **{k: fixture[k] for k in ENCODER_KEYS if k in fixture})
+        tower = getattr(transformers, cls)(config).eval()
+        randomize(tower, seed=7)
+        folder = tmp_path_factory.mktemp(name)
+        tower.save_pretrained(folder)
+        out[name] = (tower, folder, fixture)
+    return out
+
+
+def import_mm1(sources, vision: Path, out: Path) -> Path:
+    """The llama3 source with a vision tower."""
+    from megatron_mm1.hf.importer import from_hf
+
+    return from_hf(sources["llama3"][1], out, vision_dir=vision, config="tiny", overrides=["training.bf16=false"],
+                   progress=False)
 
 
 def import_llm(src: Path, out: Path, *sets: str) -> Path:
@@ -142,6 +190,34 @@ def test_import_equals_the_original_in_both_config_layouts(sources, tmp_path, na
             assert_same_logits(model(input_ids=tokens).logits, back(input_ids=tokens).logits, f"{name} export")
 
 
+@pytest.mark.parametrize("name", ROPE_VARIANTS)
+def test_rope_scaling_imports_and_exports_exactly(single_process_runtime, tmp_path, name):
+    """YaRN's frequencies, ramp options and attention factor (as the softmax scale m^2/sqrt(d)),
+    the Llama one also from the config.json 4.x wrote (factor 4, though max_position_embeddings /
+    original_max_position_embeddings is 8: read as transformers 4.56+ and 5 read it); dynamic NTK
+    up to max_position_embeddings; each exported back as itself."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_mm1.checkpoint import load_checkpoint_config
+    from megatron_mm1.hf.export import to_hf
+
+    model = hf_model(name, ROPE_VARIANTS)
+    model.save_pretrained(tmp_path / "hf")
+    ckpt = import_llm(tmp_path / "hf", tmp_path / "ckpt")
+    if name == "llama":
+        old = edited_copy(tmp_path / "hf", tmp_path / "hf4")
+        shutil.copy(HF4 / "llama_yarn.json", old / "config.json")
+        assert load_checkpoint_config(import_llm(old, tmp_path / "ckpt4")) == load_checkpoint_config(ckpt)
+    exported = to_hf(ckpt, tmp_path / "export", text_only=True, progress=False)
+    back = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    assert back.config.rope_parameters["rope_type"] == model.config.rope_parameters["rope_type"]
+    for tokens in prompts():
+        with torch.no_grad():
+            reference = model(input_ids=tokens).logits
+            assert_same_logits(reference, megatron_logits(ckpt, tokens), f"{name}, {tokens.shape[1]} tokens")
+            assert_same_logits(reference, back(input_ids=tokens).logits, f"{name} export")
+
+
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
@@ -150,17 +226,22 @@ def demo_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_train_at_tp2_then_export(sources, demo_data, tmp_path, name):
-    """Two steps at TP2 (EP2 for MoE) from the imported weights; the export loads with
-    transformers as the same class, tied embeddings still tied."""
+def test_train_at_tp2_then_export(sources, towers, demo_data, tmp_path, name):
+    """Two steps at TP2 (EP2 for MoE) from the imported weights, with one of the vision towers
+    (each family another). The text-only export loads with transformers as the same class, tied
+    embeddings still tied; the MM1 export loads with the encoder's class, every tensor present."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from megatron_mm1.checkpoint import latest_checkpoint
     from megatron_mm1.hf.export import to_hf
+    from megatron_mm1.hf.importer import from_hf
 
     model, v5, _ = sources[name]
-    ckpt = import_llm(v5, tmp_path / "ckpt")
+    encoder = list(ENCODERS)[list(FAMILIES).index(name) % len(ENCODERS)]
+    tower, tower_dir, _ = towers[encoder]
+    ckpt = from_hf(v5, tmp_path / "ckpt", vision_dir=tower_dir, config="tiny", overrides=["training.bf16=false"],
+                   progress=False)
     layout = ["parallel.tensor_model_parallel_size=2"]
     if model.config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
         layout += ["parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1",
@@ -180,6 +261,13 @@ def test_train_at_tp2_then_export(sources, demo_data, tmp_path, name):
         assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
     # Trained: the weights moved away from the source's.
     assert not torch.equal(back.model.norm.weight, model.model.norm.weight)
+    mm1, info = AutoModelForImageTextToText.from_pretrained(
+        to_hf(trained, tmp_path / "mm1", progress=False), trust_remote_code=True, dtype=torch.float32,
+        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(mm1.vision_tower).__name__ == ENCODERS[encoder]
+    fc1 = "encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(dict(mm1.vision_tower.named_parameters())[fc1], dict(tower.named_parameters())[fc1])
 
 
 def refused(src: Path, out: Path, message: str) -> None:
@@ -213,12 +301,8 @@ def test_inexact_sources_are_refused_by_name(sources, tmp_path):
     refused(edited_copy(llama, tmp_path / "a", {"attn_logit_softcapping": 30.0}), out,
             "attn_logit_softcapping=30.0: not understood")
     # RoPE types MM1 does not compute exactly, in either layout.
-    refused(edited_copy(llama4, tmp_path / "b", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}), out,
-            "rope type 'dynamic'")
-    yarn = tmp_path / "c"
-    shutil.copytree(llama4, yarn)
-    shutil.copy(HF4 / "llama_yarn.json", yarn / "config.json")
-    refused(yarn, out, "rope type 'yarn'")
+    refused(edited_copy(llama4, tmp_path / "b", {"rope_scaling": {
+        "type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}), out, "rope type 'longrope'")
     # Sliding-window attention (a Qwen3 with the window on; a Mistral with its 4.x default).
     _, qwen3, _ = sources["qwen3"]
     sliding = edited_copy(qwen3, tmp_path / "d")
@@ -239,37 +323,94 @@ def test_inexact_sources_are_refused_by_name(sources, tmp_path):
     refused(dropped, out, "lacks 6 tensor(s) the model needs: model.layers.0.self_attn.k_proj.bias")
 
 
-@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
-def test_clip_encoder_import_equals_the_original(sources, tmp_path, act):
-    """CLIP ViT with GELU (LAION and DFN ViT-H) or QuickGELU (OpenAI): the imported encoder's
-    patch features equal CLIPVisionModel's last hidden state without the class token."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+def encoder_features(model, images: torch.Tensor) -> torch.Tensor:
+    """The tower's last hidden state for square images, without CLIP's class token; SigLIP2 gets
+    the patches of its own image processor."""
+    if model.config.model_type == "siglip2_vision_model":
+        from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
 
-    from megatron_mm1.hf.importer import from_hf
+        p = model.config.patch_size
+        grid = images.shape[-1] // p
+        patches = [torch.from_numpy(convert_image_to_patches(i.numpy(), p)) for i in images]
+        inputs = dict(pixel_values=torch.stack(patches),
+                      pixel_attention_mask=torch.ones(len(images), grid * grid, dtype=torch.long),
+                      spatial_shapes=torch.tensor([[grid, grid]] * len(images)))
+    else:
+        inputs = dict(pixel_values=images)
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    return hidden[:, 1:] if model.config.model_type == "clip_vision_model" else hidden
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_vision_encoder_import_equals_the_original(sources, towers, tmp_path, name):
+    """CLIP ViT with GELU (LAION and DFN ViT-H) or QuickGELU (OpenAI), SigLIP and SigLIP2 (NaFlex):
+    the imported encoder's patch features equal the tower's last hidden state (without CLIP's class
+    token), from transformers 5's config.json and from 4.x's; the MM1 export writes the same class
+    back, and its logits with images equal megatron's."""
+    from megatron_mm1.hf.export import to_hf
     from megatron_mm1.hf.megatron_io import MegatronCheckpoint
-    from megatron_mm1.hf.verify import megatron_model
+    from megatron_mm1.hf.verify import megatron_model, verify
 
-    fixture = json.loads((HF4 / f"clip_{act}.json").read_text())
-    config = CLIPVisionConfig(**{k: fixture[k] for k in ("image_size", "patch_size", "hidden_size",
-                                 "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
-                                 "layer_norm_eps")})
-    clip = CLIPVisionModel(config).eval()
-    randomize(clip, seed=7)
-    clip.save_pretrained(tmp_path / "clip")
-    clip4 = edited_copy(tmp_path / "clip", tmp_path / "clip4")  # the same weights, 4.x's config.json
-    shutil.copy(HF4 / f"clip_{act}.json", clip4 / "config.json")
-    _, llama, _ = sources["llama3"]
-    ckpt, old = (from_hf(llama, tmp_path / f"ckpt{i}", vision_dir=v, config="tiny",
-                         overrides=["training.bf16=false"], progress=False)
-                 for i, v in enumerate((tmp_path / "clip", clip4)))
+    tower, folder, fixture = towers[name]
+    tower4 = edited_copy(folder, tmp_path / "tower4")  # the same weights, 4.x's config.json
+    shutil.copy(HF4 / f"{name}.json", tower4 / "config.json")
+    ckpt, old = (import_mm1(sources, v, tmp_path / f"ckpt{i}") for i, v in enumerate((folder, tower4)))
     reader = MegatronCheckpoint(ckpt)
-    assert reader.cfg.model.vision.activation == act
+    assert reader.cfg.model.vision.hf_model_type == fixture["model_type"]
+    assert reader.cfg.model.vision.activation == fixture["hidden_act"]
     assert MegatronCheckpoint(old).cfg == reader.cfg
     images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = clip(pixel_values=images, output_hidden_states=True).hidden_states[-1][:, 1:]
+        reference = encoder_features(tower, images)
         features = megatron_model(reader).vision(images)
-    assert (reference - features).abs().max() < 1e-4
+    assert reference.shape == features.shape and (reference - features).abs().max() < 1e-4
+    exported = to_hf(ckpt, tmp_path / "mm1", progress=False)
+    assert json.loads((exported / "config.json").read_text())["vision_config"]["model_type"] == fixture["model_type"]
+    metrics = verify(ckpt, exported)
+    assert metrics["max_abs_diff"] < MAX_ABS_DIFF and metrics["top1_agreement"] == 1.0, metrics
+
+
+# Keys transformers 4.x wrote into every sub-config (generation settings and the like); none
+# changes an encoder's maths.
+LEGACY_SUBCONFIG_KEYS = dict(do_sample=False, num_beams=1, top_k=50, temperature=1.0, is_decoder=False,
+                             add_cross_attention=False, chunk_size_feed_forward=0, pruned_heads={}, torchscript=False)
+
+
+def test_composite_vision_folders_and_refusals(sources, towers, tmp_path):
+    """A SiglipModel or Siglip2Model folder (text tower beside the vision one, 4.x's legacy
+    sub-config keys) imports the same encoder as the bare tower; a key that changes the maths,
+    pruned heads, or a tensor the architecture does not have are refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_mm1.config import ConfigError
+
+    for name in ("siglip", "siglip2"):
+        _, folder, fixture = towers[name]
+        composite = tmp_path / f"{name}_model"
+        composite.mkdir()
+        weights = {"vision_model." + k: v for k, v in load_file(folder / "model.safetensors").items()}
+        weights.update({"text_model.embeddings.token_embedding.weight": torch.ones(8, 4),
+                        "logit_scale": torch.ones(1), "logit_bias": torch.ones(1)})
+        save_file(weights, composite / "model.safetensors", metadata={"format": "pt"})
+        (composite / "config.json").write_text(json.dumps({
+            "model_type": name, "initializer_factor": 1.0, "text_config": {"hidden_size": 4},
+            "vision_config": {**fixture, **LEGACY_SUBCONFIG_KEYS}}))
+        a = stored_tensors(import_mm1(sources, folder, tmp_path / f"{name}_bare"))
+        b = stored_tensors(import_mm1(sources, composite, tmp_path / f"{name}_composite"))
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("vision."))
+
+    def refused_vision(vision: Path, message: str) -> None:
+        with pytest.raises(ConfigError) as error:
+            import_mm1(sources, vision, tmp_path / "out")
+        assert message in str(error.value), str(error.value)
+        assert not (tmp_path / "out").exists()
+
+    _, folder, _ = towers["siglip"]
+    refused_vision(edited_copy(folder, tmp_path / "a", {"layer_scale_init_value": 0.1}),
+                   "layer_scale_init_value=0.1: not understood")
+    refused_vision(edited_copy(folder, tmp_path / "b", {"pruned_heads": {"0": [1]}}), "pruned_heads=")
+    refused_vision(edited_copy(folder, tmp_path / "c", tensors=lambda w: w.update(
+        {"embeddings.class_embedding": torch.ones(64)})), "would not read: embeddings.class_embedding")
 
 
 def test_tied_embeddings_in_the_mm1_export(sources, tmp_path):

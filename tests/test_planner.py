@@ -35,9 +35,10 @@ LAYOUTS = [
     ("tiny", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.layer_spec=fast"]),
     ("tiny", ["parallel.pipeline_model_parallel_size=2"]),
     ("tiny", ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
-    # Imported-model features: the last stage's copy of a tied embedding, q/k/v biases, wider heads.
+    # Imported-model features: the last stage's copy of a tied embedding, q/k/v biases, wider heads,
+    # a SigLIP encoder.
     ("tiny", ["parallel.pipeline_model_parallel_size=2", "model.llm.tie_embeddings=true", "model.llm.qkv_bias=true",
-              "model.llm.kv_channels=32"]),
+              "model.llm.kv_channels=32", "model.vision.arch=siglip", "model.vision.activation=gelu_pytorch_tanh"]),
     ("tiny-moe", ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     ("tiny-moe", ["parallel.pipeline_model_parallel_size=2"]),
     ("tiny-moe", ["parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"]),
@@ -163,19 +164,24 @@ def test_llm_activation_bytes_equal_saved_tensors(config, spec, extra):
     assert shared == mask_bytes(cfg)
 
 
+ACTIVATIONS = {"clip": "quick_gelu", "siglip": "gelu_pytorch_tanh"}
+
+
+@pytest.mark.parametrize("arch", ACTIVATIONS)
 @pytest.mark.parametrize("spec", ["local", "fast"])
-def test_vision_activation_bytes_equal_saved_tensors(spec):
+def test_vision_activation_bytes_equal_saved_tensors(spec, arch):
     import torch
 
     from megatron_mm1.models.mm1 import vision_encoder
     from megatron_mm1.runtime import single_process
 
-    cfg = single_process(load_config("tiny", ["training.bf16=true", f"model.layer_spec={spec}"]))
+    cfg = single_process(load_config("tiny", ["training.bf16=true", f"model.layer_spec={spec}",
+                                              f"model.vision.arch={arch}", f"model.vision.activation={ACTIVATIONS[arch]}"]))
     encoder = vision_encoder(cfg)
     v = cfg.model.vision
     images = torch.randn(3, 3, v.image_size, v.image_size, dtype=torch.bfloat16)
     saved = saved_bytes(encoder.transformer.layers, lambda: encoder(images))
-    tokens = 3 * (v.num_patches + 1)
+    tokens = 3 * v.sequence_length
     planned = vision_layer_activation_bytes(cfg)
     for layer in saved:
         assert layer.keys() == planned.keys()

@@ -38,13 +38,18 @@ CONFIGS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})),
     "llama_linear": (LlamaConfig, dict(TEXT, rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})),
+    # factor 4 though max_position_embeddings / original_max_position_embeddings is 8 (4.55 computes
+    # with the ratio, 4.56 and 5 with the factor).
     "llama_yarn": (LlamaConfig, dict(TEXT, rope_theta=10000.0, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
     "mistral": (MistralConfig, dict(TEXT, sliding_window=None, head_dim=32, rope_theta=1000000.0)),
     # Mixtral has no moe_intermediate_size: its experts use intermediate_size.
     "mixtral": (MixtralConfig, dict(TEXT, sliding_window=None, num_local_experts=4, num_experts_per_tok=2,
                                     intermediate_size=32, rope_theta=1000000.0)),
-    "qwen2": (Qwen2Config, dict(TEXT, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # Qwen2.5's long-context YaRN setting, with the factor equal to max_position_embeddings /
+    # original_max_position_embeddings (which transformers up to 4.55 used instead of the factor).
+    "qwen2": (Qwen2Config, dict(TEXT, rope_theta=1000000.0, tie_word_embeddings=True, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
     "qwen2_moe": (Qwen2MoeConfig, dict(TEXT, **QWEN_MOE, shared_expert_intermediate_size=0, decoder_sparse_step=1,
                                        mlp_only_layers=[1])),
     "qwen3": (Qwen3Config, dict(TEXT, head_dim=16, rope_theta=1000000.0)),

@@ -71,12 +71,13 @@ def add_parser(subparsers) -> None:
         help="Hugging Face folder(s) -> MM1 checkpoint",
         description="Initialise an MM1 checkpoint from an exported MM1 folder, or from a native "
         "causal LM folder (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) plus "
-        "optionally a CLIP vision folder; parts without a source are freshly initialised. "
+        "optionally a CLIP, SigLIP or SigLIP2 vision folder; parts without a source are freshly initialised. "
         "Inexact sources are refused by name (see docs/convert.md).",
     )
     fr.add_argument("--hf", required=True, help="MM1 folder (from to-hf) or native causal-LM folder")
     fr.add_argument("--out", required=True, help="checkpoint folder to create (must not exist)")
-    fr.add_argument("--vision", help="CLIP folder (CLIPVisionModel or CLIPModel) for the encoder")
+    fr.add_argument("--vision", help="vision folder for the encoder: CLIP, SigLIP or SigLIP2 (the vision model, e.g. "
+                    "CLIPVisionModel, or the composite one, e.g. SiglipModel)")
     fr.add_argument("--config", help="base config for a native LLM folder (preset or YAML; default mm1-3b)")
     fr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     fr.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,8 +1,9 @@
-"""Image checks and CLIP preprocessing: decode, convert to RGB, resize + centre-crop, normalise.
+"""Image checks and preprocessing: decode, convert to RGB, resize (CLIP: + centre-crop), normalise.
 
-The same parameters are exported for Hugging Face (`clip_processor_config`) so that a converted
-checkpoint preprocesses exactly as training did: bicubic resize of the shortest side, centre crop,
-rescale by 1/255, CLIP mean/std.
+The same parameters are exported for Hugging Face (`processor_config`) so that a converted
+checkpoint preprocesses exactly as training did: CLIP's bicubic resize of the shortest side,
+centre crop, rescale by 1/255 and CLIP mean/std, or SigLIP's bicubic resize to the square and
+mean/std 0.5.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# model.vision.arch -> (centre crop, mean, std). CLIP resizes the shortest side and crops the
+# centre; SigLIP resizes the whole image to the square, whatever its aspect ratio. Both bicubic.
+PREPROCESSING = {
+    "clip": (True, CLIP_MEAN, CLIP_STD),
+    "siglip": (False, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 # Far above any real training image (a 10k x 10k photo is 100M pixels) and below what would
 # exhaust a worker's memory; the check reads only the header, so a bomb is never decoded.
@@ -96,26 +103,34 @@ def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def preprocess(img: Image.Image, size: int) -> np.ndarray:
-    """RGB PIL image -> float32 [3, size, size], CLIP-normalised."""
-    arr = np.asarray(resize_and_crop(img, size), dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+def preprocess(img: Image.Image, size: int, arch: str = "clip") -> np.ndarray:
+    """RGB PIL image -> float32 [3, size, size], as the encoder `arch` was pretrained to see
+    images (PREPROCESSING)."""
+    crop, mean, std = PREPROCESSING[arch]
+    img = resize_and_crop(img, size) if crop else img.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def clip_processor_config(image_size: int) -> dict:
-    """The preprocessing above as a Hugging Face CLIPImageProcessor config (preprocessor_config.json)."""
+def processor_config(image_size: int, arch: str = "clip") -> dict:
+    """The preprocessing above as a Hugging Face image processor config (preprocessor_config.json):
+    CLIPImageProcessor's or SiglipImageProcessor's."""
+    crop, mean, std = PREPROCESSING[arch]
+    square = {"height": image_size, "width": image_size}
+    if crop:
+        resize = {"size": {"shortest_edge": image_size}, "do_center_crop": True, "crop_size": square}
+    else:
+        resize = {"size": square}
     return {
-        "image_processor_type": "CLIPImageProcessor",
+        "image_processor_type": "CLIPImageProcessor" if arch == "clip" else "SiglipImageProcessor",
         "do_convert_rgb": True,
         "do_resize": True,
-        "size": {"shortest_edge": image_size},
+        **resize,
         "resample": int(Image.Resampling.BICUBIC),  # 3
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_mean": list(mean),
+        "image_std": list(std),
     }

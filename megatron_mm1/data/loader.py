@@ -66,15 +66,15 @@ class _Planner:
 class _Pixels(torch.utils.data.Dataset):
     """Turns a plan into the contract's tensors; runs in the loader's worker processes."""
 
-    def __init__(self, image_size: int, decode: bool = True):
-        self.image_size = image_size
+    def __init__(self, image_size: int, arch: str, decode: bool = True):
+        self.image_size, self.arch = image_size, arch
         self.decode = decode
 
     def _image(self, ref: tuple[str, str]) -> Optional[np.ndarray]:
         """The preprocessed image, or None when its bytes no longer decode."""
         shard, member = ref
         try:
-            return preprocess(load_image(read_member(shard, member)), self.image_size)
+            return preprocess(load_image(read_member(shard, member)), self.image_size, self.arch)
         except ImageRejected as e:  # validated at preparation, so the shard was damaged since
             print(f"WARNING: {shard}: {member} cannot be decoded ({e}); a blank image takes its place "
                   "(counted as skipped_images; `mm1 data verify` finds damaged shards)", file=sys.stderr)
@@ -88,7 +88,7 @@ class _Pixels(torch.utils.data.Dataset):
             s = self.image_size
             pixels = [self._image(ref) for ref in plan["image_refs"]]
             batch["skipped_images"] = torch.tensor(sum(p is None for p in pixels))
-            # Zeros are the mean colour after CLIP normalisation.
+            # Zeros are the mean colour after normalisation.
             pixels = [np.zeros((3, s, s), np.float32) if p is None else p for p in pixels]
             batch["images"] = torch.from_numpy(np.stack(pixels)) if pixels else torch.zeros(0, 3, s, s)
         else:
@@ -144,7 +144,8 @@ class MultimodalLoader:
     def __iter__(self) -> Iterator[dict]:
         planner = _Planner(self)
         planner.load_state_dict(self._state)
-        pixels = _Pixels(self.cfg.model.vision.image_size, decode=self.images)
+        v = self.cfg.model.vision
+        pixels = _Pixels(v.image_size, v.arch, decode=self.images)
         if self.num_workers == 0 or not self.images:
             batches = map(pixels.__getitem__, planner)
         else:

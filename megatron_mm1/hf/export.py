@@ -105,7 +105,7 @@ def plan(ckpt: MegatronCheckpoint, names: NameMap, groups: dict, dtype: torch.dt
 def _write_configs(cfg: Config, folder: Path, text_only: bool, dtype: torch.dtype) -> None:
     from transformers import CONFIG_MAPPING, GenerationConfig
 
-    from megatron_mm1.data.images import clip_processor_config
+    from megatron_mm1.data.images import processor_config
 
     text = text_config(cfg)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -134,7 +134,7 @@ def _write_configs(cfg: Config, folder: Path, text_only: bool, dtype: torch.dtyp
         }
         for file in REMOTE_FILES:
             shutil.copy(REMOTE_DIR / file, folder / file)
-        processor = clip_processor_config(cfg.model.vision.image_size)
+        processor = processor_config(cfg.model.vision.image_size, cfg.model.vision.arch)
         (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     config.dtype = dtype_name
     config.save_pretrained(folder)

@@ -6,9 +6,10 @@ Reading accepts every layout transformers has written for the supported families
 `n_routed_experts`; `dtype` or `torch_dtype`. A key that is absent means its config class's
 default (`DEFAULTS`). For every key read here, transformers 4.55/4.57 and 5 have the same
 defaults (checked against their sources; Qwen2-MoE folders written before the `qkv_bias` key
-existed have biases, which is the key's default). Every key is either mapped exactly, known not
-to change the model's computation (`BOOKKEEPING`), or refused by name with its value: a
-conversion that could be silently wrong is refused instead.
+existed have biases, which is the key's default) and, but for one YaRN bug of 4.55 and earlier
+(see `_rope`), the same maths. Every key is either mapped exactly, known not to change the model's
+computation (`BOOKKEEPING`), or refused by name with its value: a conversion that could be
+silently wrong is refused instead.
 
 Writing (`text_config`, `vision_config`) gives the native transformers config, in
 transformers 5's layout, of the family the MM1 config names (`model.llm.hf_model_type`) or,
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_mm1.config import Config, ConfigError
+from megatron_mm1.config import Config, ConfigError, yarn_mscale
 
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # megatron_mm1.data.tokenizer's fixed ids
 
@@ -92,11 +93,9 @@ ROPE_KEYS = {
     "default": {"rope_theta"},
     "linear": {"rope_theta", "factor"},
     "llama3": {"rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-}
-# RoPE types MM1 refuses, and why.
-ROPE_REFUSED = {
-    "dynamic": "dynamic NTK rescales the frequencies with the sequence length at inference only",
-    "yarn": "YaRN is not yet computed exactly by MM1's decoder",
+    "yarn": {"rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate",
+             "attention_factor", "mscale", "mscale_all_dim"},
+    "dynamic": {"rope_theta", "factor"},
 }
 
 
@@ -145,8 +144,7 @@ def _rope(r: _Reader, max_positions: int) -> tuple[float, dict]:
     if partial != 1.0:
         r.errors.append(f"partial_rotary_factor={partial}: MM1 rotates every channel")
     if kind not in ROPE_KEYS:
-        why = ROPE_REFUSED.get(kind, f"MM1 computes {', '.join(ROPE_KEYS)} exactly")
-        r.errors.append(f"rope type {kind!r}: {why}")
+        r.errors.append(f"rope type {kind!r}: MM1 computes {', '.join(ROPE_KEYS)} exactly")
         return 10000.0, {}
     extra = sorted(set(params) - ROPE_KEYS[kind])
     if extra:
@@ -156,13 +154,34 @@ def _rope(r: _Reader, max_positions: int) -> tuple[float, dict]:
     if not theta.is_integer():
         r.errors.append(f"rope_theta={theta} is not an integer (model.llm.rotary_base is)")
     fields: dict = {"type": kind}
+    original = int(params.get("original_max_position_embeddings") or max_positions)
     if kind != "default":
-        fields["factor"] = float(params["factor"])
+        factor = params["factor"]
+        if factor is None and kind == "yarn":  # transformers derives it from the context lengths
+            factor = max_positions / original
+        fields["factor"] = float(factor)
     if kind == "llama3":
         fields.update(
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings") or max_positions),
+            original_max_position_embeddings=original,
             low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
+        )
+    if kind == "yarn":
+        # As transformers reads them: a falsy beta is its default; mscale and mscale_all_dim
+        # (DeepSeek's form) count only when attention_factor is absent and both are non-zero.
+        attention, mscale, mscale_all_dim = (params.get(k) for k in ("attention_factor", "mscale", "mscale_all_dim"))
+        if attention is None and mscale and mscale_all_dim:
+            attention = yarn_mscale(fields["factor"], mscale) / yarn_mscale(fields["factor"], mscale_all_dim)
+        # transformers up to 4.55 replaced the factor by max_position_embeddings /
+        # original_max_position_embeddings (transformers#38224, fixed in 4.56): the factor is what
+        # the model was trained with (e.g. Qwen2.5's and Qwen3's published YaRN settings), and
+        # what transformers 5 computes.
+        fields.update(
+            original_max_position_embeddings=original,
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            truncate=bool(params.get("truncate", True)),
+            attention_factor=None if attention is None else float(attention),
         )
     return theta, fields
 
@@ -303,6 +322,11 @@ def _rope_parameters(cfg: Config) -> dict:
     if r.type == "llama3":
         out.update(original_max_position_embeddings=r.original_max_position_embeddings,
                    low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    if r.type == "yarn":
+        out.update(original_max_position_embeddings=r.original_max_position_embeddings,
+                   beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate)
+        if r.attention_factor is not None:
+            out["attention_factor"] = r.attention_factor
     return out
 
 
@@ -372,55 +396,113 @@ def text_config(cfg: Config) -> dict:
 
 # ----------------------------------------------------------------------------- vision
 
-CLIP_BOOKKEEPING = BOOKKEEPING | {"projection_dim", "initializer_factor", "dropout"}
+# Vision classes: model_type -> (model.vision.arch, the class's defaults for every key MM1
+# reads; the same in transformers 4.x and 5). A composite folder (CLIPModel, SiglipModel...)
+# holds its tower's config under vision_config.
+VISION_FAMILIES = {
+    "clip_vision_model": ("clip", dict(
+        hidden_act="quick_gelu", layer_norm_eps=1e-5, hidden_size=768, intermediate_size=3072,
+        num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32)),
+    "siglip_vision_model": ("siglip", dict(
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, hidden_size=768, intermediate_size=3072,
+        num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16)),
+    # SigLIP2's NaFlex tower; the fixed-resolution SigLIP2 checkpoints are siglip_vision_model.
+    "siglip2_vision_model": ("siglip", dict(
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, hidden_size=768, intermediate_size=3072,
+        num_hidden_layers=12, num_attention_heads=12, num_patches=256, patch_size=16)),
+}
+COMPOSITE_VISION = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+VISION_BOOKKEEPING = BOOKKEEPING | {
+    "projection_dim", "initializer_factor",
+    # SigLIP's attention-pooling head feeds only the pooled output, which MM1 does not read.
+    "vision_use_head",
+    # Generation and bookkeeping settings that transformers 4.x wrote into every sub-config; an
+    # encoder's forward reads none of them (pruned_heads is checked).
+    "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "chunk_size_feed_forward",
+    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample",
+    "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty", "finetuning_task",
+    "forced_bos_token_id", "forced_eos_token_id", "is_decoder", "length_penalty", "max_length", "min_length",
+    "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores", "prefix",
+    "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "sep_token_id", "suppress_tokens",
+    "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings",
+    "top_k", "top_p", "torchscript", "typical_p", "use_bfloat16", "pruned_heads",
+}
+
+
+def vision_hf_model_type(cfg: Config) -> str:
+    v = cfg.model.vision
+    return v.hf_model_type or {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}[v.arch]
 
 
 def vision_config(cfg: Config) -> dict:
-    """The encoder as a transformers CLIPVisionConfig dict, with only the layers MM1 runs."""
+    """The encoder as its transformers vision config dict, with only the layers MM1 runs."""
     v = cfg.model.vision
-    return dict(
-        model_type="clip_vision_model",
+    model_type = vision_hf_model_type(cfg)
+    out = dict(
+        model_type=model_type,
         hidden_size=v.hidden_size,
         intermediate_size=v.ffn_hidden_size,
         num_hidden_layers=v.num_layers_used,
         num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size,
         patch_size=v.patch_size,
         num_channels=3,
         hidden_act=v.activation,
         layer_norm_eps=v.layernorm_epsilon,
         attention_dropout=0.0,
     )
+    if model_type == "siglip2_vision_model":
+        out["num_patches"] = v.num_patches
+    else:
+        out["image_size"] = v.image_size
+    if v.arch == "siglip":
+        out["vision_use_head"] = False  # MM1 reads hidden states, never the pooled output
+    return out
 
 
-def vision_fields_from_hf(clip: dict) -> dict:
-    """model.vision fields from a CLIP config.json (CLIPVisionModel's, or CLIPModel's
-    vision_config); ConfigError naming what MM1's ViT cannot compute exactly."""
-    if clip.get("model_type") == "clip":
-        clip = clip.get("vision_config") or {}
-    if clip.get("model_type") != "clip_vision_model":
+def vision_fields_from_hf(hf: dict) -> dict:
+    """model.vision fields from a vision tower's config.json (CLIP, SigLIP or SigLIP2; the tower's
+    own, or a composite model's vision_config); ConfigError naming what MM1's ViT cannot compute
+    exactly."""
+    if hf.get("model_type") in COMPOSITE_VISION:
+        hf = dict(hf.get("vision_config") or {}, model_type=COMPOSITE_VISION[hf["model_type"]])
+    model_type = hf.get("model_type")
+    if model_type not in VISION_FAMILIES:
         raise ConfigError(
-            f"--vision: expected a CLIP vision folder (model_type clip_vision_model or clip), "
-            f"got model_type={clip.get('model_type')}"
+            f"--vision: expected a CLIP, SigLIP or SigLIP2 vision folder (model_type "
+            f"{', '.join(list(COMPOSITE_VISION) + list(VISION_FAMILIES))}), got model_type={model_type}"
         )
-    defaults = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3, attention_dropout=0.0,
-                    dropout=0.0, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, image_size=224, patch_size=32)
-    get = lambda k: clip.get(k, defaults[k])  # noqa: E731
+    arch, defaults = VISION_FAMILIES[model_type]
+    get = lambda k: hf.get(k, defaults.get(k))  # noqa: E731
     errors = []
-    if get("hidden_act") not in ("quick_gelu", "gelu"):
-        errors.append(f"hidden_act={get('hidden_act')!r}: MM1's ViT computes quick_gelu or gelu")
-    if get("num_channels") != 3:
-        errors.append(f"num_channels={get('num_channels')}: MM1 feeds RGB images")
-    if get("attention_dropout") or get("dropout"):
+    if get("hidden_act") not in ("quick_gelu", "gelu", "gelu_pytorch_tanh"):
+        errors.append(f"hidden_act={get('hidden_act')!r}: MM1's ViT computes quick_gelu, gelu or gelu_pytorch_tanh")
+    if hf.get("num_channels", 3) != 3:
+        errors.append(f"num_channels={hf['num_channels']}: MM1 feeds RGB images")
+    if hf.get("attention_dropout") or hf.get("dropout"):
         errors.append("dropout: MM1 trains the ViT without dropout")
-    unknown = sorted(set(clip) - set(defaults) - CLIP_BOOKKEEPING)
-    errors += [f"{k}={clip[k]!r}: not understood, so it may change the encoder's maths" for k in unknown]
+    if hf.get("pruned_heads"):
+        errors.append(f"pruned_heads={hf['pruned_heads']!r}: MM1's ViT has every head in every layer")
+    known = set(defaults) | {"num_channels", "attention_dropout", "dropout"} | VISION_BOOKKEEPING
+    errors += [f"{k}={hf[k]!r}: not understood, so it may change the encoder's maths" for k in sorted(set(hf) - known)]
+    patch = get("patch_size")
+    if model_type == "siglip2_vision_model":
+        # NaFlex: a square grid of num_patches position embeddings, resized to each image's grid.
+        # At MM1's fixed square resolution of that grid the resize is the identity.
+        grid = int(round(get("num_patches") ** 0.5))
+        if grid * grid != get("num_patches"):
+            errors.append(f"num_patches={get('num_patches')} is not a square grid")
+        image_size = grid * patch
+    else:
+        image_size = get("image_size")
+    if not isinstance(image_size, int) or not isinstance(patch, int):
+        errors.append(f"image_size={image_size!r}, patch_size={patch!r}: MM1's ViT takes square images and patches")
     if errors:
-        raise ConfigError("--vision: cannot import this CLIP encoder exactly:\n  - " + "\n  - ".join(errors))
+        raise ConfigError(f"--vision: cannot import this {model_type} encoder exactly:\n  - " + "\n  - ".join(errors))
     return dict(
-        image_size=get("image_size"),
-        patch_size=get("patch_size"),
+        arch=arch,
+        hf_model_type=model_type,
+        image_size=image_size,
+        patch_size=patch,
         hidden_size=get("hidden_size"),
         num_layers=get("num_hidden_layers"),
         num_attention_heads=get("num_attention_heads"),

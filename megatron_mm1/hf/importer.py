@@ -4,9 +4,10 @@ Sources:
 - an MM1 folder written by `to-hf`: everything, with the training config it carries;
 - a native causal LM folder (hf_config.FAMILIES: Llama, Mistral, Qwen2, Qwen3, Mixtral,
   Qwen2-MoE, Qwen3-MoE): the LLM; the config is `--config` with the LLM's shape taken from the
-  folder; plus optionally `--vision` a CLIP folder (CLIPVisionModel or CLIPModel) for the
-  encoder. Parts without a source (the connector, or the encoder without --vision) keep their
-  fresh initialisation (seed training.seed).
+  folder; plus optionally `--vision` a CLIP, SigLIP or SigLIP2 folder (the vision model or the
+  composite one, e.g. CLIPVisionModel or SiglipModel) for the encoder. Parts without a source
+  (the connector, or the encoder without --vision) keep their fresh initialisation (seed
+  training.seed).
 
 The checkpoint is written as megatron saves a one-process model (TP = PP = EP = 1);
 dist_checkpointing reshards it on load. It is written one parameter at a time, each read from
@@ -28,7 +29,7 @@ from megatron_mm1.config import Config, ConfigError, _build, _merge, config_to_d
 from megatron_mm1.hf.export import staging_dir
 from megatron_mm1.hf.hf_io import HFFolder
 from megatron_mm1.hf.hf_config import llm_fields_from_hf, vision_fields_from_hf
-from megatron_mm1.hf.mapping import CLIP_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap
+from megatron_mm1.hf.mapping import COMPOSITE_VISION_PREFIX, MM1_LLM_PREFIX, MM1_VISION_PREFIX, NameMap
 from megatron_mm1.hf.megatron_io import sharded_layout, write_model
 from megatron_mm1.models.mm1 import image_connector, vision_encoder
 from megatron_mm1.runtime import single_process
@@ -81,7 +82,7 @@ def from_hf(
     else:
         sources = [(NameMap(cfg, None, "", connector=False), hf)]
         if vision is not None:
-            sources.append((NameMap(cfg, clip_prefix(vision), None, connector=False), vision))
+            sources.append((NameMap(cfg, vision_prefix(vision), None, connector=False), vision))
     single = single_process(cfg)
 
     def covering(name: str):
@@ -114,13 +115,13 @@ def from_hf(
     return out
 
 
-def clip_prefix(vision: HFFolder) -> str:
-    """CLIPModel folders (and hub CLIPVisionModel checkpoints) keep the tower under
-    `vision_model.`; CLIPVisionModel.save_pretrained in transformers 5 writes it bare."""
-    for prefix in (CLIP_VISION_PREFIX, ""):
-        if prefix + "embeddings.class_embedding" in vision:
+def vision_prefix(vision: HFFolder) -> str:
+    """Composite folders (CLIPModel, SiglipModel) and hub vision-model checkpoints keep the tower
+    under `vision_model.`; a vision model's save_pretrained in transformers 5 writes it bare."""
+    for prefix in (COMPOSITE_VISION_PREFIX, ""):
+        if prefix + "embeddings.patch_embedding.weight" in vision:
             return prefix
-    raise ConfigError(f"--vision {vision.path}: no CLIP vision tower weights (embeddings.class_embedding)")
+    raise ConfigError(f"--vision {vision.path}: no vision tower weights (embeddings.patch_embedding.weight)")
 
 
 def check_every_tensor_used(megatron_names: list[str], sources: list[tuple[NameMap, HFFolder]]) -> None:

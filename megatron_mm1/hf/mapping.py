@@ -4,7 +4,8 @@ Megatron names are those of one MM1Model built in one process (TP = PP = EP = 1)
 `llm.decoder.layers.3.self_attention.linear_qkv.weight`; dist_checkpointing maps every saved
 layout onto them. Hugging Face names are those of:
 
-- the vision tower: transformers' `CLIPVisionModel` (`<vision prefix>embeddings...`);
+- the vision tower: transformers' `CLIPVisionModel`, `SiglipVisionModel` or `Siglip2VisionModel`
+  (`<vision prefix>embeddings...`, the same layer names in all three);
 - the connector: `modeling_mm1.py`'s modules, named as in megatron_mm1 (`connector.*`);
 - the LLM: a native causal LM (`<llm prefix>model.layers.3.self_attn.q_proj.weight`) of one
   of hf_config.FAMILIES; MoE layers are named as the family names them (Mixtral:
@@ -25,13 +26,14 @@ from typing import Callable
 import torch
 
 from megatron_mm1.config import Config, ConfigError
-from megatron_mm1.hf.hf_config import moe_layers, text_model_type
+from megatron_mm1.hf.hf_config import moe_layers, text_model_type, vision_hf_model_type
 
 # Where each part lives in an exported MM1 folder (modeling_mm1.MM1ForConditionalGeneration).
 MM1_VISION_PREFIX = "vision_tower.vision_model."
 MM1_LLM_PREFIX = "language_model."
-# transformers' CLIPVisionModel and CLIPModel both keep the tower under `vision_model.`.
-CLIP_VISION_PREFIX = "vision_model."
+# transformers' vision models (CLIPVisionModel, SiglipVisionModel...) and the composite ones
+# (CLIPModel, SiglipModel...) keep the tower under `vision_model.`.
+COMPOSITE_VISION_PREFIX = "vision_model."
 
 
 def group_of(name: str) -> str:
@@ -112,10 +114,22 @@ class NameMap:
             V, VL = vision_prefix, vision_prefix + "encoder.layers.{i}."
             layer = r"vision\.transformer\.layers\.(?P<i>\d+)\."
             self.rules += [
-                Rule(r"vision\.conv1\.weight", [V + "embeddings.patch_embedding.weight"]),
-                Rule(r"vision\.class_embedding", [V + "embeddings.class_embedding"]),
                 Rule(r"vision\.position_embedding", [V + "embeddings.position_embedding.weight"]),
-                Rule(r"vision\.ln_pre\.(?P<p>weight|bias)", [V + "pre_layrnorm.{p}"]),
+                Rule(r"vision\.conv1\.bias", [V + "embeddings.patch_embedding.bias"]),  # SigLIP's
+                Rule(r"vision\.class_embedding", [V + "embeddings.class_embedding"]),  # CLIP's
+                Rule(r"vision\.ln_pre\.(?P<p>weight|bias)", [V + "pre_layrnorm.{p}"]),  # CLIP's
+            ]
+            if vision_hf_model_type(cfg) == "siglip2_vision_model":
+                # SigLIP2 embeds patches flattened as (row, column, channel) with a Linear.
+                patch, width = v.patch_size, v.hidden_size
+                self.rules.append(Rule(
+                    r"vision\.conv1\.weight", [V + "embeddings.patch_embedding.weight"],
+                    split=lambda t: [t.permute(0, 2, 3, 1).reshape(width, -1).contiguous()],
+                    merge=lambda t: t.reshape(width, patch, patch, 3).permute(0, 3, 1, 2).contiguous(),
+                ))
+            else:
+                self.rules.append(Rule(r"vision\.conv1\.weight", [V + "embeddings.patch_embedding.weight"]))
+            self.rules += [
                 Rule(layer + r"input_layernorm\.(?P<p>weight|bias)", [VL + "layer_norm1.{p}"]),
                 Rule(
                     layer + r"self_attention\.linear_qkv\.(?P<p>weight|bias)",
@@ -135,16 +149,17 @@ class NameMap:
         if vision_prefix is not None:
             V = re.escape(vision_prefix)
             self.unused_patterns += [
-                (V + r"post_layernorm\.(weight|bias)", "CLIP's final LayerNorm feeds only the pooled output"),
+                (V + r"post_layernorm\.(weight|bias)", "the final LayerNorm feeds only the pooled output"),
+                (V + r"head\..+", "SigLIP's attention-pooling head feeds only the pooled output"),
                 (V + r"embeddings\.position_ids", "a constant buffer"),
                 # (only layers from `late` on: see `unused`)
                 (V + r"encoder\.layers\.(?P<late>\d+)\..+", "layers after model.vision.feature_layer are not run"),
             ]
             self.vision_layers_used = v.num_layers_used
-            if vision_prefix == CLIP_VISION_PREFIX:  # a CLIPModel folder: its text side
+            if vision_prefix == COMPOSITE_VISION_PREFIX:  # a CLIPModel or SiglipModel folder: its text side
                 self.unused_patterns += [
-                    (r"text_model\..+|visual_projection\.weight|text_projection\.weight|logit_scale",
-                     "CLIP's text tower and projections"),
+                    (r"text_model\..+|visual_projection\.weight|text_projection\.weight|logit_scale|logit_bias",
+                     "the text tower and projections"),
                 ]
         if connector:
             # The connector is MM1's own: same module names on both sides.
@@ -238,7 +253,7 @@ class NameMap:
         the folder without missing weights; `from-hf` ignores them."""
         out: dict[str, torch.Tensor] = {}
         if group == "vision.embeddings" and self.vision_prefix is not None:
-            # CLIPVisionModel's final LayerNorm only feeds the pooled output, which MM1 never
+            # The vision model's final LayerNorm only feeds the pooled output, which MM1 never
             # reads (it takes hidden_states[feature_layer]): an identity LayerNorm.
             w = self.cfg.model.vision.hidden_size
             out[self.vision_prefix + "post_layernorm.weight"] = torch.ones(w, dtype=dtype)

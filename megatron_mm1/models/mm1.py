@@ -7,6 +7,7 @@ text targets only. One instance is one pipeline model chunk; `build_model` retur
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +17,10 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import quick_gelu
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_find_correction_range,
+    _yarn_linear_ramp_mask,
+)
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -104,7 +109,18 @@ def llm_transformer_config(cfg: Config) -> TransformerConfig:
         activation_func=F.silu,
         bias_activation_fusion=SWIGLU_FUSION[cfg.model.layer_spec],
         add_bias_linear=False,
+        softmax_scale=_softmax_scale(cfg),
     )
+
+
+def _softmax_scale(cfg: Config) -> float | None:
+    """YaRN scales cos and sin by its attention factor m, so q.k by m^2: megatron's rotary
+    embedding has no such factor and the attention's softmax scale takes it (None: megatron's
+    own 1/sqrt(head_dim))."""
+    llm = cfg.model.llm
+    if llm.rope_scaling.type != "yarn":
+        return None
+    return llm.rope_scaling.attention_scale**2 / math.sqrt(llm.head_dim)
 
 
 def vision_transformer_config(cfg: Config) -> TransformerConfig:
@@ -112,7 +128,7 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
     return TransformerConfig(
         **_common_config(cfg),
         **_recompute(cfg.training.recompute_vision),
-        # The encoder is not pipelined and its sequence (patches + CLS) is not split.
+        # The encoder is not pipelined and its sequence (patches, CLIP's class token) is not split.
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
         num_layers=v.num_layers_used,
@@ -129,14 +145,19 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-# The ViT MLP's activation (model.vision.activation): OpenAI CLIP's QuickGELU, or the exact
-# (erf) GELU of the LAION and DFN encoders.
-VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# The ViT MLP's activation (model.vision.activation): OpenAI CLIP's QuickGELU, the exact (erf)
+# GELU of the LAION and DFN encoders, or SigLIP's tanh approximation.
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 def rope_options(cfg: Config) -> dict:
-    """GPTModel's position-embedding arguments for model.llm.rope_scaling (llama3 is applied
-    after construction, by `_apply_llama3_scaling`)."""
+    """GPTModel's position-embedding arguments for model.llm.rope_scaling (llama3 and yarn are
+    applied after construction, by `_apply_llama3_scaling` and `_apply_yarn_scaling`; dynamic is
+    the default RoPE at every length MM1 runs)."""
     rope = cfg.model.llm.rope_scaling
     factor = rope.factor if rope.type == "linear" else None
     return dict(position_embedding_type="rope", seq_len_interpolation_factor=factor)
@@ -151,6 +172,22 @@ def _apply_llama3_scaling(rope: RotaryEmbedding, cfg: Config) -> None:
         high_freq_factor=r.high_freq_factor,
         original_max_position_embeddings=r.original_max_position_embeddings,
     )
+
+
+def _apply_yarn_scaling(rope: RotaryEmbedding, cfg: Config) -> None:
+    """transformers' YaRN frequencies, computed as it does, in megatron's plain rotary embedding;
+    the attention factor is in the softmax scale (`_softmax_scale`). Not megatron's own 'yarn'
+    embedding: it reads yarn_* attributes TransformerConfig lacks, has no explicit attention
+    factor and counts an mscale that transformers ignores without mscale_all_dim."""
+    llm = cfg.model.llm
+    r, dim, device = llm.rope_scaling, llm.head_dim, rope.inv_freq.device
+    powers = float(llm.rotary_base) ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    low, high = _yarn_find_correction_range(
+        r.beta_fast, r.beta_slow, dim, llm.rotary_base, r.original_max_position_embeddings, r.truncate
+    )
+    # 1 keeps a dimension's original frequency (extrapolation), 0 divides it by the factor.
+    keep = 1 - _yarn_linear_ramp_mask(low, high, dim // 2, device=device)
+    rope.inv_freq = 1.0 / (r.factor * powers) * (1 - keep) + 1.0 / powers * keep
 
 
 @dataclass
@@ -208,6 +245,8 @@ class MM1Model(MegatronModule):
         )
         if m.llm.rope_scaling.type == "llama3":
             _apply_llama3_scaling(self.llm.rotary_pos_emb, cfg)
+        if m.llm.rope_scaling.type == "yarn":
+            _apply_yarn_scaling(self.llm.rotary_pos_emb, cfg)
         for module, frozen in (
             (self.vision, m.freeze_vision),
             (self.connector, m.freeze_connector),

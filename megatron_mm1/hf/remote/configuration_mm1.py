@@ -1,8 +1,9 @@
 """MM1 configuration for Hugging Face transformers (written next to an exported checkpoint).
 
-An MM1 model is a CLIP vision tower (transformers' `CLIPVisionModel`), a vision-language connector
-(defined in `modeling_mm1.py`) and a native transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE or
-Qwen3-MoE). This file is self-contained: it needs only transformers.
+An MM1 model is a vision tower (transformers' `CLIPVisionModel`, `SiglipVisionModel` or
+`Siglip2VisionModel`), a vision-language connector (defined in `modeling_mm1.py`) and a native
+transformers causal LM (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE or Qwen3-MoE). This file
+is self-contained: it needs only transformers.
 """
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -12,7 +13,8 @@ from transformers.configuration_utils import SubConfigSpec
 class MM1Config(PreTrainedConfig):
     r"""
     Args:
-        vision_config: a `CLIPVisionConfig` (or its dict). Only the encoder layers up to the
+        vision_config: a `CLIPVisionConfig`, `SiglipVisionConfig` or `Siglip2VisionConfig` (or its
+            dict, with model_type). Only the encoder layers up to the
             feature layer are stored, so `vision_feature_layer` is usually -1.
         text_config: the config of a native causal LM (its dict carries `model_type`).
         connector_type: `c-abstractor` (MM1's), `avg-pool` or `attn-pool`.
@@ -21,7 +23,7 @@ class MM1Config(PreTrainedConfig):
         connector_hidden_size, connector_depth, connector_mlp_depth: C-Abstractor shape
             (RegNet width, blocks per stage, readout layers).
         vision_feature_layer: which hidden state of the vision tower feeds the connector
-            (index into `hidden_states`; -1 the last stored layer). The class token is dropped.
+            (index into `hidden_states`; -1 the last stored layer). CLIP's class token is dropped.
         image_token_id: the `<image>` placeholder id.
         mm1_config: the megatron_mm1 training config the weights came from, so that
             `mm1 convert from-hf` can rebuild the same model; not used by transformers.

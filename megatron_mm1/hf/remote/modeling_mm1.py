@@ -1,6 +1,7 @@
-"""MM1 for Hugging Face transformers: CLIP vision tower -> connector -> native causal LM.
+"""MM1 for Hugging Face transformers: vision tower -> connector -> native causal LM.
 
-    images [n, 3, S, S] -> CLIPVisionModel -> hidden_states[vision_feature_layer], class token dropped
+    images [n, 3, S, S] -> CLIPVisionModel, SiglipVisionModel or Siglip2VisionModel
+                        -> hidden_states[vision_feature_layer], CLIP's class token dropped
                         -> connector (C-Abstractor)  -> image tokens [n, N, d_text]
     prompt ids (each image = N consecutive <image> ids) -> the LM's input embeddings, with the
     image tokens written over the <image> positions in row-major order -> the causal LM
@@ -15,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
 from .configuration_mm1 import MM1Config
 
@@ -157,6 +158,20 @@ class MM1PreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.queries, std=0.02)
 
 
+def siglip2_inputs(pixel_values: torch.Tensor, patch: int) -> dict:
+    """Siglip2VisionModel's input for square images: every image one full grid of patches,
+    each flattened as (row, column, channel) like Siglip2ImageProcessor's."""
+    n, c, h, w = pixel_values.shape
+    rows, cols = h // patch, w // patch
+    patches = pixel_values[:, :, : rows * patch, : cols * patch].reshape(n, c, rows, patch, cols, patch)
+    patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(n, rows * cols, patch * patch * c)
+    return {
+        "pixel_values": patches,
+        "pixel_attention_mask": torch.ones(n, rows * cols, dtype=torch.long, device=patches.device),
+        "spatial_shapes": torch.tensor([[rows, cols]] * n, device=patches.device),
+    }
+
+
 class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     """MM1: `forward(input_ids, pixel_values, ...)` returns the causal LM's output; `generate`
     works as for the LM, with `pixel_values` used on the prompt (prefill) only."""
@@ -164,8 +179,11 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     def __init__(self, config: MM1Config):
         super().__init__(config)
         vision = config.vision_config
-        num_patches = (vision.image_size // vision.patch_size) ** 2
-        self.vision_tower = CLIPVisionModel(vision)
+        if vision.model_type == "siglip2_vision_model":
+            num_patches = vision.num_patches
+        else:
+            num_patches = (vision.image_size // vision.patch_size) ** 2
+        self.vision_tower = AutoModel.from_config(vision)
         self.connector = CONNECTORS[config.connector_type](
             config, num_patches, vision.hidden_size, config.text_config.hidden_size
         )
@@ -182,11 +200,15 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         return self.language_model.get_output_embeddings()
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image tokens [n, N, d_text] for CLIP-preprocessed images [n, 3, S, S]."""
-        out = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True
-        )
-        patches = out.hidden_states[self.config.vision_feature_layer][:, 1:]  # drop the class token
+        """Image tokens [n, N, d_text] for preprocessed images [n, 3, S, S]."""
+        vision = self.config.vision_config
+        inputs = {"pixel_values": pixel_values.to(self.vision_tower.dtype)}
+        if vision.model_type == "siglip2_vision_model":
+            inputs = siglip2_inputs(inputs["pixel_values"], vision.patch_size)
+        out = self.vision_tower(**inputs, output_hidden_states=True)
+        patches = out.hidden_states[self.config.vision_feature_layer]
+        if vision.model_type == "clip_vision_model":
+            patches = patches[:, 1:]  # drop the class token
         return self.connector(patches)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
