@@ -20,8 +20,9 @@ demo: install
 	$(VENV)/bin/mm1 demo
 
 # Two workers, whole files each: the suite is mostly process start-up, which overlaps well.
+# The slowest tests are listed at the end, to keep CI's time in view.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -344,7 +344,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like a.b=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
 
 
 def _merge(tree: dict, keys: list[str], value: Any) -> None:
@@ -358,8 +368,11 @@ def _merge(tree: dict, keys: list[str], value: Any) -> None:
 
 def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
     """Load a preset name or YAML path and apply `a.b=value` overrides (later wins)."""
-    with open(_resolve(name_or_path)) as f:
-        tree = yaml.safe_load(f) or {}
+    path = _resolve(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{name_or_path}: the top level must be a mapping")
     _expand_named_encoder(tree)

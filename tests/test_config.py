@@ -69,6 +69,24 @@ def test_invalid_config_fails_before_start_up():
     assert "Traceback" not in proc.stderr
 
 
+def test_config_errors_of_any_kind_exit_2_with_one_message(tmp_path, capsys):
+    """YAML syntax in a config file or an override, and a wrongly typed value: `mm1 train` says
+    what and where in one message and exits 2."""
+    from megatron_mm1.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  steps: 10\n   lr: [1e-4\n")
+    cases = [
+        (["--config", str(bad)], f"{bad} is not valid YAML"),
+        (["--config", "tiny", "--set", "training.lr=[1e-4"], "override 'training.lr=[1e-4': the value is not valid YAML"),
+        (["--config", "tiny", "--set", "training.steps=ten"], "training.steps: expected int, got 'ten'"),
+    ]
+    for argv, message in cases:
+        assert main(["train", *argv, "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 # Published sizes: dense LLMs 3B/7B/30B; MoE totals 64B and 47B (MM1 paper).
 TARGETS = {
     "mm1-3b": ("llm", 3e9),
