@@ -378,11 +378,14 @@ LEGACY_SUBCONFIG_KEYS = dict(do_sample=False, num_beams=1, top_k=50, temperature
 
 def test_composite_vision_folders_and_refusals(sources, towers, tmp_path):
     """A SiglipModel or Siglip2Model folder (text tower beside the vision one, 4.x's legacy
-    sub-config keys) imports the same encoder as the bare tower; a key that changes the maths,
-    pruned heads, or a tensor the architecture does not have are refused by name."""
+    sub-config keys) imports the same encoder as the bare tower; an image size with a remainder
+    after whole patches computes as SigLIP does; a key that changes the maths, pruned heads, or a
+    tensor the architecture does not have are refused by name."""
     from safetensors.torch import load_file, save_file
 
     from megatron_mm1.config import ConfigError
+    from megatron_mm1.hf.megatron_io import MegatronCheckpoint
+    from megatron_mm1.hf.verify import megatron_model
 
     for name in ("siglip", "siglip2"):
         _, folder, fixture = towers[name]
@@ -405,7 +408,16 @@ def test_composite_vision_folders_and_refusals(sources, towers, tmp_path):
         assert message in str(error.value), str(error.value)
         assert not (tmp_path / "out").exists()
 
-    _, folder, _ = towers["siglip"]
+    # SigLIP-so400m's 384 px over 14 px patches leaves a remainder, which the patch convolution
+    # cuts off; here 60 px, a 4 x 4 grid as at 56.
+    tower, folder, _ = towers["siglip"]
+    reader = MegatronCheckpoint(import_mm1(sources, edited_copy(folder, tmp_path / "s60", {"image_size": 60}),
+                                           tmp_path / "ckpt60"))
+    assert reader.cfg.model.vision.image_size == 60 and reader.cfg.model.vision.num_patches == 16
+    images = torch.randn(2, 3, 60, 60, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (encoder_features(tower, images) - megatron_model(reader).vision(images)).abs().max() < 1e-4
+
     refused_vision(edited_copy(folder, tmp_path / "a", {"layer_scale_init_value": 0.1}),
                    "layer_scale_init_value=0.1: not understood")
     refused_vision(edited_copy(folder, tmp_path / "b", {"pruned_heads": {"0": [1]}}), "pruned_heads=")
