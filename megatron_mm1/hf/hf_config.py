@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_mm1.config import Config, ConfigError, yarn_mscale
+from megatron_mm1.config import VISION_ACTIVATIONS, VISION_HF_MODEL_TYPES, Config, ConfigError, yarn_mscale
 
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # megatron_mm1.data.tokenizer's fixed ids
 
@@ -431,7 +431,7 @@ VISION_BOOKKEEPING = BOOKKEEPING | {
 
 def vision_hf_model_type(cfg: Config) -> str:
     v = cfg.model.vision
-    return v.hf_model_type or {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}[v.arch]
+    return v.hf_model_type or VISION_HF_MODEL_TYPES[v.arch][0]
 
 
 def vision_config(cfg: Config) -> dict:
@@ -474,8 +474,8 @@ def vision_fields_from_hf(hf: dict) -> dict:
     arch, defaults = VISION_FAMILIES[model_type]
     get = lambda k: hf.get(k, defaults.get(k))  # noqa: E731
     errors = []
-    if get("hidden_act") not in ("quick_gelu", "gelu", "gelu_pytorch_tanh"):
-        errors.append(f"hidden_act={get('hidden_act')!r}: MM1's ViT computes quick_gelu, gelu or gelu_pytorch_tanh")
+    if get("hidden_act") not in VISION_ACTIVATIONS:
+        errors.append(f"hidden_act={get('hidden_act')!r}: MM1's ViT computes {', '.join(VISION_ACTIVATIONS)}")
     if hf.get("num_channels", 3) != 3:
         errors.append(f"num_channels={hf['num_channels']}: MM1 feeds RGB images")
     if hf.get("attention_dropout") or hf.get("dropout"):
