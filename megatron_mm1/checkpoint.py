@@ -11,6 +11,7 @@ only them.
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import torch
@@ -40,15 +41,27 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
     return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
-def save_model(model: list[torch.nn.Module], path: Path, state: dict | None = None) -> None:
-    """Save this rank's shards of the weights (or of `state`, a sharded state dict with the
-    same layout) into the dist_checkpointing folder `path`. Collective over all ranks."""
+def save_sharded(state: dict, path: Path) -> None:
+    """Save this rank's part of a megatron-core sharded state dict into the new
+    dist_checkpointing folder `path`. Collective over all ranks."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=False)
     torch.distributed.barrier()
-    dist_checkpointing.save(state if state is not None else model_sharded_state_dict(model), str(path))
+    # megatron's writer hands each save's results back through a queue that it makes, once per
+    # process, in a spawn-started multiprocessing Manager; that server imports torch to unpickle
+    # them, seconds per rank on the first save. A synchronous save puts and takes them in this
+    # process, so a plain queue serves.
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(state, str(path))
+
+
+def save_model(model: list[torch.nn.Module], path: Path) -> None:
+    """Save this rank's shards of the weights into the dist_checkpointing folder `path`."""
+    save_sharded(model_sharded_state_dict(model), path)
 
 
 def load_model(model: list[torch.nn.Module], path: Path) -> None:

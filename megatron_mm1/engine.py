@@ -16,7 +16,7 @@ from megatron.core.distributed import (
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_model
+from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_model, save_sharded
 from megatron_mm1.config import Config
 from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.device import device
@@ -243,16 +243,12 @@ class MegatronEngine(Engine):
 
     def save(self, path: Path) -> None:
         """Weights in path/model (any layout can load them), optimizer in path/optimizer."""
-        from megatron.core import dist_checkpointing
-
         self._sync_params()
         save_model(self.model, path / "model")
         state = self.optimizer.sharded_state_dict(
             model_sharded_state_dict(self.model), metadata=_OPTIMIZER_METADATA
         )
-        (path / "optimizer").mkdir(exist_ok=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save({"optimizer": state}, str(path / "optimizer"))
+        save_sharded({"optimizer": state}, path / "optimizer")
 
     def load(self, path: Path, load_optimizer: bool) -> None:
         from megatron.core import dist_checkpointing

@@ -1,7 +1,7 @@
 """The training loop, one process per device (torchrun or Slurm): data, engine steps, logging,
 checkpoints, resume, signals and NaN/Inf safety. `mm1 train` starts it.
 
-Exit codes: 0 done; EXIT_PREEMPTED (75) when SIGTERM/SIGUSR1 made the run save and stop (the
+Exit codes: 0 done; EXIT_PREEMPTED (75) when SIGTERM, SIGUSR1 or SIGINT made the run save and stop (the
 Slurm launcher requeues on it); EXIT_NONFINITE (3) when too many consecutive steps had a
 non-finite loss or gradient (the last good state is saved); 2 for configuration errors.
 """
@@ -29,11 +29,12 @@ EXIT_RECORD = "exit.json"  # {"code", "step", "message"}, written by rank 0 as t
 
 
 class StopSignal:
-    """Records SIGTERM/SIGUSR1; the loop acts on it at the next step boundary."""
+    """Records SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); the loop saves and stops at the next step
+    boundary. Later signals change nothing: a save in flight finishes."""
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:

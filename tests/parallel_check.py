@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_mm1.config import load_config
-from megatron_mm1.checkpoint import load_model, save_model
+from megatron_mm1.checkpoint import load_model, save_model, save_sharded
 from megatron_mm1.engine import forward_backward, grads_sharded_state_dict, wrap_ddp
 from megatron_mm1.models.mm1 import build_model
 from megatron_mm1.runtime import init_runtime, shutdown
@@ -44,7 +44,7 @@ def step(cfg, model, out: Path, tag: str) -> None:
     share = NUM_MICROBATCHES // dp
     batches = global_batch(cfg)[dp_rank * share : (dp_rank + 1) * share]
     metrics = forward_backward(model, batches, cfg, num_microbatches=share)
-    save_model(model, out / f"{tag}_grads", state=grads_sharded_state_dict(model))
+    save_sharded(grads_sharded_state_dict(model), out / f"{tag}_grads")
     if torch.distributed.get_rank() == 0:
         (out / f"{tag}_loss.json").write_text(json.dumps(metrics))
 

@@ -128,6 +128,15 @@ def _descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in _descendants(c)]
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed process stays a zombie until its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -151,26 +160,55 @@ def _start(cmd):
                             text=True, start_new_session=True)
 
 
-def test_sigterm_saves_and_exits_for_requeue(data, tmp_path):
-    out = tmp_path / "run"
-    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2"]))
-    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(rows(out)) >= 2)
-    # What Slurm does before a time limit: signal the training processes, the children of
-    # the torch.distributed launcher that `mm1 train --nproc` started.
-    (launcher,) = _children(proc.pid)
-    pids = _children(launcher)
-    assert len(pids) == 2
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
+def _wait_for_steps(out, count: int) -> None:
+    assert _wait_for(lambda: (out / "metrics.jsonl").is_file() and len(rows(out)) >= count)
+
+
+def _assert_saved_for_requeue(proc, out) -> dict:
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, output[-3000:]
     record = json.loads((out / "exit.json").read_text())
     assert record["code"] == 75 and "signal received" in record["message"]
     path = latest_checkpoint(out / "checkpoints")
     assert path is not None and path.name == f"step_{record['step']:07d}"
+    return record
+
+
+def test_sigterm_to_one_rank_saves_and_exits_for_requeue(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2"]))
+    _wait_for_steps(out, 2)
+    # A signal that reaches one rank only (Slurm signals every process; an operator may signal
+    # one): the ranks agree at the next step boundary.
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGTERM)
+    record = _assert_saved_for_requeue(proc, out)
     # The checkpoint loads and training continues from it.
     train(data, out, record["step"] + 1, 2, ["parallel.tensor_model_parallel_size=2"], resume="auto")
     assert rows(out)[-1]["step"] == record["step"] + 1
+
+
+def test_ctrl_c_to_the_launcher_saves_and_exits_for_requeue(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2"]))
+    _wait_for_steps(out, 2)
+    tree = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGINT)  # the launcher alone: it passes the signal to every rank
+    _assert_saved_for_requeue(proc, out)
+    assert not [p for p in tree if _alive(p)]
+
+
+def test_kill_9_of_one_rank_ends_the_whole_run(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2"]))
+    _wait_for_steps(out, 2)
+    tree = _descendants(proc.pid)  # the ranks, their data-loader workers, checkpoint helpers
+    ranks = _children(proc.pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)  # at once: its peers wait in a collective
+    assert proc.returncode == 128 + signal.SIGKILL, output[-3000:]
+    assert not [p for p in tree if _alive(p)]
 
 
 def test_kill_during_save_never_leaves_a_half_checkpoint(data, tmp_path):

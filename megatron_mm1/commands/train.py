@@ -1,7 +1,7 @@
 """`mm1 train`: pretraining or fine-tuning with the megatron or DeepSpeed engine.
 
 Under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID set) each process runs the loop
-itself; otherwise `--nproc N` starts N local processes under torch.distributed's launcher.
+itself; otherwise `--nproc N` starts N local processes (launch.py).
 """
 
 from __future__ import annotations
@@ -80,14 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
         return main(worker_args(args, overrides))
     from megatron_mm1.launch import launch_local
-    from megatron_mm1.train import EXIT_RECORD
 
-    code = launch_local(args.nproc, "megatron_mm1.train", worker_args(args, overrides))
-    record = Path(args.out) / EXIT_RECORD
-    if code != 0 and record.is_file():
-        # torchrun reports any worker failure as 1; the run's own record says why it ended.
-        code = json.loads(record.read_text())["code"]
-    return code
+    return launch_local(args.nproc, "megatron_mm1.train", worker_args(args, overrides))
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +98,7 @@ def add_parser(subparsers) -> None:
         help="train or fine-tune (megatron or DeepSpeed engine), with checkpoints and resume",
         description="Train an MM1 model. Run under torchrun/srun (one process per device), or "
         "give --nproc N to start N local processes. Exit codes: 0 done, 75 stopped by "
-        "SIGTERM/SIGUSR1 after saving (requeue), 3 stopped after repeated NaN/Inf steps, 2 "
+        "SIGTERM/SIGUSR1/SIGINT after saving (requeue), 3 stopped after repeated NaN/Inf steps, 2 "
         "configuration error.",
     )
     add_train_arguments(p)

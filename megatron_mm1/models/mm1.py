@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.activations import quick_gelu
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
@@ -29,7 +28,7 @@ from megatron_mm1 import cpu_compat
 from megatron_mm1.config import Config
 from megatron_mm1.device import check_placement, device
 from megatron_mm1.models.connector import build_connector
-from megatron_mm1.models.specs import SWIGLU_FUSION, llm_block_spec
+from megatron_mm1.models.specs import QUICK_GELU, SWIGLU_FUSION, llm_block_spec
 from megatron_mm1.models.vision import VisionEncoder
 
 
@@ -139,7 +138,7 @@ def vision_transformer_config(cfg: Config) -> TransformerConfig:
         normalization="LayerNorm",
         layernorm_epsilon=v.layernorm_epsilon,
         gated_linear_unit=False,
-        activation_func=VISION_ACTIVATIONS[v.activation],
+        activation_func=vision_activations(cfg.model.layer_spec)[v.activation],
         add_bias_linear=True,
         add_qkv_bias=True,
     )
@@ -149,9 +148,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-# The ViT MLP's activation (model.vision.activation): OpenAI CLIP's QuickGELU, the exact (erf)
-# GELU of the LAION and DFN encoders, or SigLIP's tanh approximation.
-VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
+def vision_activations(layer_spec: str) -> dict:
+    """The ViT MLP's activations (model.vision.activation) under `layer_spec`: OpenAI CLIP's
+    QuickGELU, the exact (erf) GELU of the LAION and DFN encoders, or SigLIP's tanh approximation."""
+    return {"quick_gelu": QUICK_GELU[layer_spec], "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 def rope_options(cfg: Config) -> dict:

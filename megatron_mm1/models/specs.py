@@ -13,9 +13,10 @@ parallelism, and apex/TransformerEngine are not assumed.
 - RMSNorm is compiled (CompiledRMSNorm): one kernel that keeps the input and an fp32 rstd, on
   every device (eager CPU keeps two fp32 copies of the input; CUDA has a fused eager kernel);
 - SwiGLU is megatron's own fused one (SWIGLU_FUSION: a torch.compile'd autograd function that
-  keeps only its input; eager keeps three more [tokens, ffn] tensors).
-LayerNorm (the vision encoder's) is one fused kernel in eager torch already, and megatron
-compiles QuickGELU in both specs.
+  keeps only its input; eager keeps three more [tokens, ffn] tensors);
+- the vision encoder's QuickGELU is megatron's compiled one (QUICK_GELU; `local` runs it eagerly
+  and so never starts torch.compile, whose first use costs seconds in every process).
+LayerNorm (the vision encoder's) is one fused kernel in eager torch already.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.activations import quick_gelu
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
@@ -80,8 +82,32 @@ class CompiledNorm(TorchNorm):
 
 
 # Megatron's fused SwiGLU (`bias_activation_fusion`): a torch.compile'd autograd function that
-# keeps only its input for backward. (The ViT's QuickGELU is compiled by megatron in both specs.)
+# keeps only its input for backward.
 SWIGLU_FUSION = {"local": False, "fast": True}
+
+
+class _QuickGELU(torch.autograd.Function):
+    """OpenAI CLIP's QuickGELU, x * sigmoid(1.702 x), uncompiled. Keeps only its input for
+    backward, as megatron-core's compiled `quick_gelu` does (eager autograd would keep the
+    sigmoid too: one more [tokens, ffn] tensor per ViT layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))
+
+
+def eager_quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return _QuickGELU.apply(x)
+
+
+QUICK_GELU = {"local": eager_quick_gelu, "fast": quick_gelu}
 
 
 def sdpa_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
