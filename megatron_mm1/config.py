@@ -254,6 +254,9 @@ class TrainingConfig:
     log_interval: int = 1
     peak_tflops: Optional[float] = None  # per GPU, for MFU; None: the GPU type's bf16 dense peak
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf steps (skipped) before the run stops
+    # A rank on which no step has finished for this long dumps its threads' stacks and ends the
+    # run (exit 76); collectives time out a minute later. Well above a save's duration.
+    hang_timeout_s: float = 1800.0
     # Save and stop (exit 75, to be resumed) after this many steps in this process; for
     # allocations shorter than the run.
     exit_after_steps: Optional[int] = None
@@ -710,6 +713,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be >= 1", errors)
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1", errors)
     _check(t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps must be >= 1", errors)
+    _check(t.hang_timeout_s > 0, "training.hang_timeout_s must be > 0 (seconds)", errors)
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be between 0 and 1", errors)
     _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1", errors)
     if errors:

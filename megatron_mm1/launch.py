@@ -8,10 +8,10 @@
   so a Ctrl-C or a signal to the launcher's process group reaches the ranks only this way,
   once. A signal to a rank itself reaches it directly (the ranks agree at each step).
 - No orphans: when a rank exits with an error, the others get GRACE_S to end on their own (a
-  clean stop ends every rank within moments); when a rank is killed by a signal, or after the
-  grace, the others' whole process groups (data-loader workers, checkpoint helpers) are killed.
-  At the end every rank's group is killed. A killed launcher takes its ranks with it
-  (PR_SET_PDEATHSIG).
+  clean stop ends every rank within moments); when a rank is killed by a signal or found the
+  run hung (watchdog.py), or after the grace, the others' whole process groups (data-loader
+  workers, checkpoint helpers) are killed. At the end every rank's group is killed. A killed
+  launcher takes its ranks with it (PR_SET_PDEATHSIG).
 - The exit code is the first failing rank's own code (signals as 128 + N), 0 when all succeed.
 """
 
@@ -24,6 +24,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from megatron_mm1.watchdog import EXIT_HUNG
 
 GRACE_S = 30.0  # torchrun's default wait for the other workers after one failed
 POLL_S = 0.1
@@ -88,9 +90,9 @@ def launch_local(nproc: int, module: str, args: list[str]) -> int:
         while any(p.poll() is None for p in procs):
             if failure is None:
                 failure = _first_failure(procs)
-                # A rank killed by a signal leaves its peers waiting in a collective.
+                # A rank killed by a signal, or hung, leaves its peers waiting in a collective.
                 if failure is not None:
-                    failed_at = time.monotonic() - (GRACE_S if failure < 0 else 0)
+                    failed_at = time.monotonic() - (GRACE_S if failure == EXIT_HUNG or failure < 0 else 0)
             elif time.monotonic() - failed_at >= GRACE_S:
                 stuck = [rank for rank, p in enumerate(procs) if p.poll() is None]
                 print(f"mm1: a rank ended with code {_exit_code(failure)}; stopping ranks {stuck}",

@@ -15,6 +15,9 @@ import torch
 from megatron_mm1.config import Config, ConfigError, ParallelConfig, validate
 
 
+COLLECTIVE_TIMEOUT_MARGIN_S = 60.0
+
+
 @dataclass
 class DistEnv:
     rank: int
@@ -49,12 +52,16 @@ def dist_env() -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
-def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
-    """Validate `cfg` for this world size, then start torch.distributed and megatron-core."""
+def init_runtime(cfg: Config) -> DistEnv:
+    """Validate `cfg` for this world size, then start torch.distributed and megatron-core. A
+    collective fails after training.hang_timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S: in the
+    training loop the hang watchdog fires first and dumps the stacks; the timeout covers what
+    precedes the loop."""
     from megatron.core import parallel_state, tensor_parallel
 
     env = dist_env()
     validate(cfg, world_size=env.world_size)  # before any process group or device memory
+    collective_timeout_s = cfg.training.hang_timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S
     if torch.cuda.is_available():
         set_cuda_environment(cfg)
         torch.cuda.set_device(env.local_rank)
@@ -73,7 +80,7 @@ def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
             store=store,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
@@ -83,6 +90,7 @@ def init_runtime(cfg: Config, timeout_minutes: float = 10.0) -> DistEnv:
         context_parallel_size=p.context_parallel_size,
         expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        distributed_timeout_minutes=collective_timeout_s / 60,
     )
     torch.manual_seed(cfg.training.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)

@@ -1,9 +1,10 @@
 """The training loop, one process per device (torchrun or Slurm): data, engine steps, logging,
 checkpoints, resume, signals and NaN/Inf safety. `mm1 train` starts it.
 
-Exit codes: 0 done; EXIT_PREEMPTED (75) when SIGTERM, SIGUSR1 or SIGINT made the run save and stop (the
-Slurm launcher requeues on it); EXIT_NONFINITE (3) when too many consecutive steps had a
-non-finite loss or gradient (the last good state is saved); 2 for configuration errors.
+Exit codes: 0 done; EXIT_PREEMPTED (75) when SIGTERM, SIGUSR1 or SIGINT made the run save and
+stop (the Slurm launcher requeues on it); EXIT_NONFINITE (3) when too many consecutive steps had
+a non-finite loss or gradient (the last good state is saved); EXIT_HUNG (76) when no step
+finished within training.hang_timeout_s (watchdog.py); 2 for configuration errors.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from megatron_mm1 import checkpoint as ckpt
 from megatron_mm1.config import Config, ConfigError, data_parallel_size, load_config
 from megatron_mm1.device import device, to_device
+from megatron_mm1.watchdog import HangWatchdog
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 EXIT_NONFINITE = 3
@@ -217,12 +219,15 @@ class Trainer:
         interactive = sys.stderr.isatty()
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not (self.is_logger and interactive),
                    dynamic_ncols=True)
+        watchdog = HangWatchdog(t.hang_timeout_s, self.out, self.env.rank,
+                                self.out / EXIT_RECORD if self.is_logger else None)
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
                 batches, counts = next_microbatches(self.cfg, loader, self.num_microbatches)
                 metrics = self.engine.train_step(batches)
                 self.step += 1
+                watchdog.beat(self.step)
                 row = self._record(metrics, counts, time.perf_counter() - start)
                 bar.update(1)
                 if logger:
@@ -261,6 +266,7 @@ class Trainer:
                 if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.steps:
                     self.save()
         finally:
+            watchdog.stop()
             bar.close()
             if logger:
                 logger.close()

@@ -43,6 +43,7 @@ def test_overrides_are_typed():
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel"),
         (["model.max_images_per_sequence=64"], 1, "model.max_images_per_sequence"),
         (["model.connector.type=perceiver"], 1, "model.connector.type"),
+        (["training.hang_timeout_s=0"], 1, "training.hang_timeout_s"),
     ],
 )
 def test_invalid_configs_name_the_field(overrides, world_size, field):

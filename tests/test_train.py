@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, run
 
 from megatron_mm1.checkpoint import complete_checkpoints, latest_checkpoint
+from megatron_mm1.watchdog import EXIT_HUNG
 
 TP2PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
           "parallel.sequence_parallel=true"]
@@ -209,6 +210,22 @@ def test_kill_9_of_one_rank_ends_the_whole_run(data, tmp_path):
     output, _ = proc.communicate(timeout=60)  # at once: its peers wait in a collective
     assert proc.returncode == 128 + signal.SIGKILL, output[-3000:]
     assert not [p for p in tree if _alive(p)]
+
+
+def test_a_hung_rank_ends_the_run_with_stacks(data, tmp_path):
+    out = tmp_path / "run"
+    # 30 s: start-up on two busy cores must stay within the collectives' timeout (30 + 60 s).
+    proc = _start(train_cmd(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2", "training.hang_timeout_s=30"]))
+    _wait_for_steps(out, 2)
+    tree = _descendants(proc.pid)
+    os.kill(_children(proc.pid)[1], signal.SIGSTOP)  # rank 1 hangs; rank 0 waits for it
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_HUNG, output[-3000:]
+    stacks = (out / "hang-0.txt").read_text()
+    assert "no training step finished" in stacks and "megatron_mm1/train.py" in stacks
+    record = json.loads((out / "exit.json").read_text())
+    assert record["code"] == EXIT_HUNG and record["step"] >= 2 and "hang-0.txt" in record["message"]
+    assert not [p for p in tree if _alive(p)]  # the stopped rank too
 
 
 def test_kill_during_save_never_leaves_a_half_checkpoint(data, tmp_path):
