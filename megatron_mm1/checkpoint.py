@@ -11,11 +11,19 @@ only them.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import queue
+import re
+import shutil
+import sys
+import threading
 from pathlib import Path
 
 import torch
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mm1.config import Config, ConfigError, _build, config_to_dict
 
@@ -80,19 +88,39 @@ def load_model(model: list[torch.nn.Module], path: Path) -> None:
 #   RUN/checkpoints/step_0000100/   config.yaml, model/, optimizer/ (megatron engine) or
 #                                   deepspeed/ (deepspeed engine), train_state.json,
 #                                   data/dp<k>.json (loader state of data-parallel rank k),
-#                                   rng/rank<r>.pt
+#                                   rng/rank<r>.pt, manifest.json (every other file's size and
+#                                   SHA-256)
 #   RUN/checkpoints/latest          the newest complete checkpoint's folder name, moved last
 #
 # A checkpoint is written under a hidden temporary name and renamed when complete, so a folder
 # named step_* is always complete; a kill during a save leaves only a temporary folder, which
-# --resume never reads and the next run removes.
+# --resume never reads and the next run removes. What the rename cannot catch (a file damaged
+# or truncated later, a disk that lied about a write) the manifest does: --resume checks every
+# file against it first, and falls back to an older checkpoint when one differs.
 
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = "damaged-"
+MANIFEST = "manifest.json"
+# Files whose name says which rank wrote them: megatron's shards, our RNG states.
+_WRITER = re.compile(r"^__(\d+)_\d+\.distcp$|^rank(\d+)\.pt$")
+
+
+# What a failed write raises: OSError, RuntimeError from torch.save, and torch's
+# CheckpointException (a BaseException), which megatron raises on every rank when one failed.
+SAVE_ERRORS = (Exception, CheckpointException)
+
+
+class SaveFailed(Exception):
+    """A save failed on some rank (a full disk, an I/O error); the previous checkpoint is intact."""
 
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:07d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(STEP_PREFIX):])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -100,69 +128,274 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `latest` names, else the newest complete one, else None."""
+    """The checkpoint `--resume auto` tries first (see resume_candidates), or None."""
+    found = resume_candidates(root)
+    return found[0] if found else None
+
+
+def resume_candidates(root: Path) -> list[Path]:
+    """The checkpoints `--resume auto` tries, in order: the one `latest` names (or the newest),
+    then the older ones, newest first. Checkpoints newer than `latest` belong to a branch the
+    run left when it resumed from an older one."""
+    found = complete_checkpoints(root)[::-1]
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if named.is_dir():
-            return named
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+        if named in found:
+            return [p for p in found if checkpoint_step(p) <= checkpoint_step(named)]
+    return found
 
 
 def remove_incomplete(root: Path) -> None:
-    """Remove what interrupted saves left behind (rank 0 only)."""
-    import shutil
-
+    """Remove what interrupted saves and prunes left behind (rank 0 only)."""
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of --resume's way, kept for inspection (rank 0 only)."""
+    moved = path.with_name(DAMAGED_PREFIX + path.name)
+    if moved.exists():
+        shutil.rmtree(moved)
+    os.replace(path, moved)
+    return moved
+
+
 def begin_save(root: Path, step: int) -> Path:
     """The temporary folder a checkpoint is written into. Collective."""
-    import shutil
-
     tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
+    error = None
     if torch.distributed.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "data").mkdir(parents=True)
-        (tmp / "rng").mkdir()
-    torch.distributed.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "data").mkdir(parents=True)
+            (tmp / "rng").mkdir()
+        except SAVE_ERRORS as e:
+            error = e
+    agree_on_errors(error, step, tmp)  # and the folder exists for every rank
     return tmp
 
 
-def finish_save(root: Path, tmp: Path, step: int, keep_last: int) -> Path:
-    """Publish a fully written checkpoint: rename it, then move `latest`, then prune. Collective."""
-    import os
-    import shutil
-
-    final = root / step_dir_name(step)
-    torch.distributed.barrier()  # every rank has written its part
+def agree_on_errors(error: BaseException | None, step: int, tmp: Path) -> None:
+    """Raise SaveFailed on every rank if a save failed on any (after removing its temporary
+    folder, to give the space back); every rank calls it at the same point. Collective."""
+    reports: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reports, None if error is None else _failures(error))
+    if all(r is None for r in reports):
+        return
+    failures = {rank: text for report in reports if report for rank, text in report}
+    usage = shutil.disk_usage(tmp.parent)  # before the space is given back
+    full = usage.free < 0.01 * usage.total or any(
+        word in text for text in failures.values() for word in ("No space left", "quota"))
+    torch.distributed.barrier()  # every rank has measured
     if torch.distributed.get_rank() == 0:
-        _fsync_tree(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     torch.distributed.barrier()
+    listed = "; ".join(f"rank {rank}: {text}" for rank, text in sorted(failures.items())[:4])
+    raise SaveFailed(
+        f"saving the checkpoint of step {step} failed ({listed or 'no detail'}). "
+        f"{usage.free / 2**30:.2f} GiB of {usage.total / 2**30:.2f} GiB were free in {tmp.parent}"
+        + (": the disk is full. Free space (or lower checkpoint.keep_last)" if full else ". Fix the cause")
+        + ", then resume with --resume auto: the previous checkpoint is intact"
+    )
+
+
+def _failures(error: BaseException) -> list[tuple[int, str]]:
+    """(rank, one line) for a failed write. megatron raises torch's CheckpointException on every
+    rank, holding each rank's own error on the coordinator and none elsewhere."""
+    if isinstance(error, CheckpointException):
+        return [(rank, _one_line(e)) for rank, (e, _) in error.failures.items()]
+    return [(torch.distributed.get_rank(), _one_line(error))]
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def finish_save(root: Path, tmp: Path, step: int, keep_last: int) -> Path:
+    """Publish a fully written checkpoint: every rank flushes and checksums its share of the
+    files, rank 0 writes the manifest, renames the folder, moves `latest`, and prunes old
+    checkpoints in the background. Collective."""
+    torch.distributed.barrier()  # every rank has written its part
+    error = None
+    try:
+        _write_manifest(tmp)
+    except SAVE_ERRORS as e:  # any rank's failure fails the save on all (agree_on_errors)
+        error = e
+    agree_on_errors(error, step, tmp)
+    final = root / step_dir_name(step)
+    if torch.distributed.get_rank() == 0:
+        try:
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = root / "latest.tmp"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, root / "latest")
+        except SAVE_ERRORS as e:  # `latest` still names the previous checkpoint
+            error = e
+    agree_on_errors(error, step, tmp)
+    if torch.distributed.get_rank() == 0:
+        _prune_in_background(root, step, keep_last)
     return final
 
 
-def _fsync_tree(path: Path) -> None:
-    """Flush file contents to disk before the rename makes them visible."""
-    import os
+def _prune_in_background(root: Path, step: int, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step`. Renaming is instant; the deleting,
+    minutes for a large checkpoint on a parallel filesystem, runs in a thread while training
+    goes on (a temporary name: the next run removes what a kill interrupted)."""
+    older = [p for p in complete_checkpoints(root) if checkpoint_step(p) <= step][:-keep_last]
+    doomed = []
+    for path in older:
+        try:
+            os.replace(path, root / f"{TMP_PREFIX}prune-{path.name}")
+            doomed.append(root / f"{TMP_PREFIX}prune-{path.name}")
+        except OSError as e:  # the new checkpoint is safe; an old one more is no reason to stop
+            print(f"mm1 train: warning: could not remove {path}: {e}", file=sys.stderr, flush=True)
+    if doomed:
+        threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                         name="mm1-prune").start()
 
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _shares(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Which rank checksums which file: a file whose name says its writer goes to that rank
+    (its fsync then flushes its own writes, which may still be in its page cache), the rest to
+    whichever rank has the fewest bytes so far, largest first."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    rest = []
+    for name, size in sizes.items():
+        match = _WRITER.match(Path(name).name)
+        writer = int(match.group(1) or match.group(2)) if match else world
+        if writer < world:
+            shares[writer].append(name)
+            load[writer] += size
+        else:
+            rest.append(name)
+    for name in sorted(rest, key=lambda n: (-sizes[n], n)):
+        rank = load.index(min(load))
+        shares[rank].append(name)
+        load[rank] += sizes[name]
+    return shares
+
+
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """The file's SHA-256; `sync`: also flush it to disk (fsync works on a read-only handle)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if sync:
+            os.fsync(f.fileno())
+    return digest
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
+            if p.is_file() and p != path / MANIFEST}
+
+
+def _checksums(path: Path, names: list[str], sizes: dict[str, int]) -> dict[str, dict]:
+    return {name: {"bytes": sizes[name], "sha256": file_sha256(path / name, sync=True)} for name in names}
+
+
+def _save_manifest(path: Path, files: dict[str, dict]) -> None:
+    with open(path / MANIFEST, "w") as f:
+        json.dump({"files": dict(sorted(files.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_manifest(path: Path) -> None:
+    """manifest.json for a checkpoint folder written by this one process (`mm1 convert from-hf`)."""
+    sizes = _file_sizes(path)
+    _save_manifest(path, _checksums(path, list(sizes), sizes))
+
+
+def _write_manifest(tmp: Path) -> None:
+    """Collective: rank 0 lists the files, every rank flushes and checksums its share, rank 0
+    writes manifest.json."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    listing = [_file_sizes(tmp) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(listing, src=0)
+    sizes = listing[0]
+    mine = _checksums(tmp, _shares(sizes, world)[rank], sizes)
+    parts: list | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(mine, parts, dst=0)
+    if rank == 0:
+        _save_manifest(tmp, {name: entry for part in parts for name, entry in part.items()})
+
+
+class CheckpointDamaged(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def read_manifest(path: Path) -> dict[str, dict]:
+    """{relative file name: {"bytes", "sha256"}} of a checkpoint; CheckpointDamaged if none."""
+    try:
+        return json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        raise CheckpointDamaged([f"{MANIFEST} is missing"]) from None
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointDamaged([f"{MANIFEST} is unreadable ({e})"]) from None
+
+
+def check_file(path: Path, name: str, entry: dict) -> str | None:
+    """What is wrong with one file of a checkpoint, or None when it matches its manifest entry."""
+    file = path / name
+    if not file.is_file():
+        return f"{name} is missing"
+    size = file.stat().st_size
+    if size != entry["bytes"]:
+        return f"{name} has {size} bytes, {entry['bytes']} were saved"
+    if file_sha256(file) != entry["sha256"]:
+        return f"{name} differs from what was saved (SHA-256)"
+    return None
+
+
+def verify_checkpoint(path: Path, only: str = "", workers: int = 4, progress: bool = False) -> list[str]:
+    """What differs between a checkpoint's files (those under `only`, e.g. "model/") and its
+    manifest, checked by `workers` threads (hashing releases the GIL); [] when intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    try:
+        manifest = read_manifest(path)
+    except CheckpointDamaged as e:
+        return e.problems
+    names = sorted(n for n in manifest if n.startswith(only))
+    bar = tqdm(total=sum(manifest[n]["bytes"] for n in names), unit="B", unit_scale=True,
+               desc=f"verify {path.name}", disable=not progress)
+
+    def check(name: str) -> str | None:
+        problem = check_file(path, name, manifest[name])
+        bar.update(manifest[name]["bytes"])
+        return problem
+
+    with bar, ThreadPoolExecutor(workers) as pool:
+        return [p for p in pool.map(check, names) if p]
+
+
+def verify_collective(path: Path) -> list[str]:
+    """Every rank checks its share of a checkpoint's files against its manifest; returns the
+    problems found by any rank, the same list on every rank. Collective."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        manifest = read_manifest(path)
+        names = _shares({n: e["bytes"] for n, e in manifest.items()}, world)[rank]
+        mine = [p for p in (check_file(path, n, manifest[n]) for n in names) if p]
+    except CheckpointDamaged as e:
+        mine = e.problems if rank == 0 else []
+    everyone: list = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return sorted(p for part in everyone for p in part)

@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ("megatron_mm1.commands.plan", "add_parser"),
     ("megatron_mm1.commands.benchmark", "add_parser"),
     ("megatron_mm1.commands.convert", "add_parser"),
+    ("megatron_mm1.commands.checkpoint", "add_parser"),
     ("megatron_mm1.commands.submit", "add_parser"),
 ]
 

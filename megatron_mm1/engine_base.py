@@ -53,7 +53,10 @@ class Engine(abc.ABC):
     def scheduler_state(self) -> dict:
         return self.scheduler.state_dict()
 
-    def load_scheduler_state(self, state: dict) -> None:
+    def load_scheduler_state(self, state: dict, new_schedule: bool = False) -> None:
+        """Continue the saved schedule at its step; `new_schedule`: under this config's
+        settings (peak, warmup, length) instead of the saved ones."""
+        self.scheduler.override_opt_param_scheduler = new_schedule
         self.scheduler.load_state_dict(state)
 
 

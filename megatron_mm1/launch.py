@@ -40,11 +40,25 @@ def free_port() -> int:
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the child before exec: SIGKILL when the launcher dies, even by kill -9."""
+    """In a new child: SIGKILL when its parent `parent` dies, even by kill -9."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the launcher died before prctl took effect
+        if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+
+
+_forking: list[int] = []  # the pid of the process that is forking, set just before the fork
+
+
+def children_die_with_this_process() -> None:
+    """From now on, every process forked from this one (data-loader workers, megatron-core's
+    checkpoint writers) is killed when it dies, even by kill -9. They would outlive it otherwise,
+    some blocked for good on a lock it held. The kernel ties this to the forking thread: forks
+    happen in the main thread here."""
+    if not _forking:
+        _forking.append(os.getpid())
+        os.register_at_fork(before=lambda: _forking.__setitem__(0, os.getpid()),
+                            after_in_child=lambda: _die_with_parent(_forking[0]))
 
 
 def _exit_code(returncode: int) -> int:
@@ -82,7 +96,9 @@ def launch_local(nproc: int, module: str, args: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
         for rank in range(nproc):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            # One OpenMP thread per rank unless asked otherwise, as torchrun does: N ranks with a
+            # thread per core each would oversubscribe the CPUs.
+            env = {"OMP_NUM_THREADS": "1", **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen([sys.executable, "-c", entry, *args], env=env, start_new_session=True,
                                           preexec_fn=lambda: _die_with_parent(parent)))

@@ -16,6 +16,13 @@ from megatron_mm1.config import Config, ConfigError, ParallelConfig, validate
 
 
 COLLECTIVE_TIMEOUT_MARGIN_S = 60.0
+# Under srun without torchrun: every process must reach MASTER_ADDR:MASTER_PORT within this.
+RENDEZVOUS_TIMEOUT_ENV = "MM1_RENDEZVOUS_TIMEOUT_S"
+EXIT_RENDEZVOUS_TIMEOUT = 124  # as timeout(1)
+
+
+class RendezvousTimeout(Exception):
+    """Not every process of the run arrived at the rendezvous in time."""
 
 
 @dataclass
@@ -52,6 +59,23 @@ def dist_env() -> DistEnv:
     return DistEnv(0, 1, 0)
 
 
+def _slurm_store(env: DistEnv) -> torch.distributed.TCPStore:
+    """The store that srun's processes meet at, hosted by rank 0. A process that does not arrive
+    within $MM1_RENDEZVOUS_TIMEOUT_S (default 600; a node that never started, a port that cannot
+    be reached) fails the run then, not after the collective timeout."""
+    timeout = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV, 600))
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        return torch.distributed.TCPStore(host, port, env.world_size, is_master=env.rank == 0,
+                                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=True)
+    except RuntimeError as e:  # torch's DistStoreError / DistNetworkError
+        raise RendezvousTimeout(
+            f"rendezvous timeout: not all {env.world_size} processes joined {host}:{port} within "
+            f"{timeout:g} s ({RENDEZVOUS_TIMEOUT_ENV}); a node did not start its processes, or cannot "
+            f"reach the first node on that port ({str(e).splitlines()[0]})"
+        ) from None
+
+
 def init_runtime(cfg: Config) -> DistEnv:
     """Validate `cfg` for this world size, then start torch.distributed and megatron-core. A
     collective fails after training.hang_timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S: in the
@@ -59,8 +83,11 @@ def init_runtime(cfg: Config) -> DistEnv:
     precedes the loop."""
     from megatron.core import parallel_state, tensor_parallel
 
+    from megatron_mm1.launch import children_die_with_this_process
+
     env = dist_env()
     validate(cfg, world_size=env.world_size)  # before any process group or device memory
+    children_die_with_this_process()
     collective_timeout_s = cfg.training.hang_timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S
     if torch.cuda.is_available():
         set_cuda_environment(cfg)
@@ -73,8 +100,11 @@ def init_runtime(cfg: Config) -> DistEnv:
         cpu_compat.enable(cfg)
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        # A single process needs no rendezvous (and so no port).
-        store = torch.distributed.HashStore() if env.world_size == 1 else None
+        store = None  # torchrun's, or env:// at MASTER_ADDR:MASTER_PORT (`mm1 train --nproc`)
+        if env.world_size == 1:
+            store = torch.distributed.HashStore()  # a single process needs no rendezvous (no port)
+        elif "RANK" not in os.environ:
+            store = _slurm_store(env)
         torch.distributed.init_process_group(
             backend,
             store=store,

@@ -106,6 +106,7 @@ def render(job: Job, template: Path = TEMPLATES / "train.sbatch") -> str:
     text = set_sbatch(text, "job-name", job.job_name or _job_name(job.config))
     text = set_sbatch(text, "nodes", str(job.nodes))
     text = set_sbatch(text, "gpus-per-node", str(job.gpus_per_node), enabled=job.device == "gpu")
+    text = set_sbatch(text, "ntasks-per-node", str(job.gpus_per_node))  # one process per GPU
     text = set_sbatch(text, "output", str(job.out / "logs" / "%j.out"))
     if job.time:
         text = set_sbatch(text, "time", job.time)
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m megatron_mm1.slurm check`: what the batch script runs before starting torchrun."""
     from megatron_mm1.checkpoint import save_config
     from megatron_mm1.commands.train import add_train_arguments
+    from megatron_mm1.run_folder import refuse_if_locked
 
     ap = argparse.ArgumentParser(prog="python -m megatron_mm1.slurm")
     sub = ap.add_subparsers(dest="action", required=True)
@@ -188,12 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--resume")
     args = ap.parse_args(argv)
+    out = Path(args.out)
     try:
         cfg = check(args.config, args.world_size, Path(args.data) if args.data else None, args.steps, args.set)
+        refuse_if_locked(out)  # before this job touches a folder another job is running in
     except ConfigError as e:
         print(f"mm1 train: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     print(f"config {args.config} valid for {args.world_size} processes; resolved config in {out / 'config.yaml'}")

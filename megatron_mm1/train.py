@@ -4,7 +4,9 @@ checkpoints, resume, signals and NaN/Inf safety. `mm1 train` starts it.
 Exit codes: 0 done; EXIT_PREEMPTED (75) when SIGTERM, SIGUSR1 or SIGINT made the run save and
 stop (the Slurm launcher requeues on it); EXIT_NONFINITE (3) when too many consecutive steps had
 a non-finite loss or gradient (the last good state is saved); EXIT_HUNG (76) when no step
-finished within training.hang_timeout_s (watchdog.py); 2 for configuration errors.
+finished within training.hang_timeout_s (watchdog.py); EXIT_SAVE_FAILED (74) when a checkpoint
+could not be written (a full disk); 2 for configuration errors, a run folder in use or holding
+another run, and a checkpoint that cannot be resumed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -27,7 +30,13 @@ from megatron_mm1.watchdog import HangWatchdog
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 74  # EX_IOERR
 EXIT_RECORD = "exit.json"  # {"code", "step", "message"}, written by rank 0 as the run ends
+
+
+class RunRefused(ConfigError):
+    """A reason not to start that every rank finds alike (a verdict broadcast from rank 0, or a
+    check of the same files); rank 0 alone reports it."""
 
 
 class StopSignal:
@@ -92,8 +101,26 @@ def broadcast_microbatches(batches: Optional[list[dict]], extra, src: int, group
     return (batches if batches is not None else received), extra
 
 
+# The LR schedule's settings in megatron's scheduler state, and the config fields they come from.
+SCHEDULE_SETTINGS = {
+    "max_lr": "training.lr",
+    "min_lr": "training.min_lr_ratio",
+    "lr_warmup_steps": "training.warmup_steps",
+    "lr_decay_steps": "training.steps",
+    "lr_decay_style": "the decay style",
+    "start_wd": "training.weight_decay",
+    "end_wd": "training.weight_decay",
+    "wd_incr_style": "the weight decay style",
+    "wd_incr_steps": "training.steps",
+}
+
+
 class Trainer:
-    def __init__(self, cfg: Config, out: Path):
+    """One rank's part of a run into `out`. `resume`: None (a new run), "auto" or a checkpoint
+    folder; `new_schedule`: a resume may change the LR schedule's settings (training.steps, lr,
+    warmup), which is otherwise refused."""
+
+    def __init__(self, cfg: Config, out: Path, resume: str | None = None, new_schedule: bool = False):
         from megatron.core import parallel_state
 
         from megatron_mm1.data import build_loader
@@ -101,9 +128,10 @@ class Trainer:
         from megatron_mm1.runtime import init_runtime
 
         self.stop = StopSignal()  # first: a signal during start-up still stops the run cleanly
-        self.cfg, self.out = cfg, out
+        self.cfg, self.out, self.resume_from, self.new_schedule = cfg, out, resume, new_schedule
         self.root = out / "checkpoints"
         self.env = init_runtime(cfg)
+        self.run_lock = self._claim_run_folder()  # before the model takes any memory
         self.dp = data_parallel_size(cfg, self.env.world_size)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         t = cfg.training
@@ -128,21 +156,45 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
 
+    def _claim_run_folder(self):
+        """Rank 0 locks OUT and checks that a new run starts in a folder of its own; every rank
+        raises its verdict."""
+        from megatron_mm1.run_folder import lock_run_folder, refuse_existing_run
+
+        lock, verdict = None, [None]
+        if self.env.rank == 0:
+            try:
+                lock = lock_run_folder(self.out)
+                refuse_existing_run(self.out, self.resume_from)
+            except ConfigError as e:
+                verdict = [str(e)]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise RunRefused(verdict[0])
+        return lock
+
     def save(self) -> Path:
+        """Save a checkpoint of this step (collective); SaveFailed on every rank if any rank
+        could not write its part."""
         tmp = ckpt.begin_save(self.root, self.step)
-        self.engine.save(tmp)
-        if self.writes_data_state:
-            (tmp / "data" / f"dp{self.dp_rank}.json").write_text(json.dumps(self.loader.state_dict()))
-        torch.save(_rng_state(), tmp / "rng" / f"rank{self.env.rank}.pt")
-        if self.is_logger:
-            ckpt.save_config(self.cfg, tmp / "config.yaml")
-            state = {
-                "step": self.step,
-                "counters": self.counters,
-                "scheduler": self.engine.scheduler_state(),
-                "layout": self._layout(),
-            }
-            (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+        error = None
+        try:
+            self.engine.save(tmp)
+            if self.writes_data_state:
+                (tmp / "data" / f"dp{self.dp_rank}.json").write_text(json.dumps(self.loader.state_dict()))
+            torch.save(_rng_state(), tmp / "rng" / f"rank{self.env.rank}.pt")
+            if self.is_logger:
+                ckpt.save_config(self.cfg, tmp / "config.yaml")
+                state = {
+                    "step": self.step,
+                    "counters": self.counters,
+                    "scheduler": self.engine.scheduler_state(),
+                    "layout": self._layout(),
+                }
+                (tmp / "train_state.json").write_text(json.dumps(state, indent=1))
+        except ckpt.SAVE_ERRORS as e:
+            error = e
+        ckpt.agree_on_errors(error, self.step, tmp)
         return ckpt.finish_save(self.root, tmp, self.step, self.cfg.checkpoint.keep_last)
 
     def _layout(self) -> dict:
@@ -163,12 +215,12 @@ class Trainer:
         state = json.loads((path / "train_state.json").read_text())
         saved = state["layout"]
         if saved["engine"] != self.cfg.training.engine:
-            raise ConfigError(
+            raise RunRefused(
                 f"{path} was saved by the {saved['engine']} engine; resume it with "
                 f"--set training.engine={saved['engine']}"
             )
         if saved["data_parallel_size"] != self.dp:
-            raise ConfigError(
+            raise RunRefused(
                 f"{path} was saved at data-parallel size {saved['data_parallel_size']}; the data "
                 f"order resumes exactly only at that size (now {self.dp}): change TP/PP/EP or the "
                 "process count so that the data-parallel size matches"
@@ -177,42 +229,95 @@ class Trainer:
         load_optimizer = self.cfg.checkpoint.load_optimizer
         if load_optimizer and not same_layout and saved["distributed_optimizer"]:
             changed = {k: (v, self._layout()[k]) for k, v in saved.items() if v != self._layout()[k]}
-            raise ConfigError(
+            raise RunRefused(
                 f"{path} holds a distributed-optimizer state, which reshards only over data-"
                 f"parallel ranks, and the layout changed (saved, now): {changed}. Resume at the "
                 "saved layout, or load the weights with a fresh optimizer: "
                 "--set checkpoint.load_optimizer=false"
             )
+        self._check_schedule(path, state["scheduler"])
         self.engine.load(path, load_optimizer=load_optimizer)
-        self.engine.load_scheduler_state(state["scheduler"])
+        self.engine.load_scheduler_state(state["scheduler"], new_schedule=self.new_schedule)
         if self.loader is not None:
             self.loader.load_state_dict(json.loads((path / "data" / f"dp{self.dp_rank}.json").read_text()))
         if same_layout:  # RNG streams belong to ranks; another layout starts them afresh
             _set_rng_state(torch.load(path / "rng" / f"rank{self.env.rank}.pt", weights_only=False))
         self.step, self.counters = state["step"], {**self.counters, **state["counters"]}
 
-    # -- the loop -------------------------------------------------------------------------
+    def _check_schedule(self, path: Path, saved: dict) -> None:
+        """Refuse a resume that would change the LR schedule mid-run, unless asked for."""
+        now = self.engine.scheduler_state()
+        changed = [f"{key} ({SCHEDULE_SETTINGS[key]}) {saved[key]} -> {now[key]}"
+                   for key in SCHEDULE_SETTINGS if saved[key] != now[key]]
+        if changed and not self.new_schedule:
+            raise RunRefused(
+                f"{path} was saved under another LR schedule (saved -> now): {'; '.join(changed)}. "
+                "The schedule is part of the run: resume with the run's settings (e.g. the same "
+                "--steps), or pass --new-schedule to continue under the new one"
+            )
 
-    def run(self, resume: str | None) -> int:
-        from tqdm import tqdm
+    def _verified(self, path: Path) -> Path:
+        """`path` when every file matches its manifest; ConfigError naming what differs."""
+        if not path.is_dir():
+            raise RunRefused(f"no checkpoint at {path}")
+        problems = ckpt.verify_collective(path)
+        if problems:
+            raise RunRefused(f"{path} is damaged: {_listed(problems)}. Resume from another checkpoint")
+        return path
 
-        if self.is_logger:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_incomplete(self.root)
-            (self.out / EXIT_RECORD).unlink(missing_ok=True)
-        torch.distributed.barrier()
+    def _newest_intact(self) -> Path | None:
+        """`--resume auto`: the newest checkpoint of this run whose files all match their
+        manifest. A damaged one is set aside (renamed damaged-step_*, kept for inspection) and
+        the one before it tried; ConfigError when checkpoints exist but none is intact."""
+        candidates = ckpt.resume_candidates(self.root)
+        for path in candidates:
+            problems = ckpt.verify_collective(path)
+            if not problems:
+                return path
+            moved = [None]
+            if self.is_logger:
+                moved = [ckpt.set_aside(path)]
+            torch.distributed.broadcast_object_list(moved, src=0)
+            if self.is_logger:
+                print(f"mm1 train: checkpoint {path} is damaged: {_listed(problems)}. Moved it to "
+                      f"{moved[0]}; trying the one before it", file=sys.stderr, flush=True)
+        if candidates:
+            raise RunRefused(
+                f"no intact checkpoint in {self.root} (each damaged one was renamed {ckpt.DAMAGED_PREFIX}*): "
+                "start over with a new --out, or resume from a checkpoint elsewhere"
+            )
+        return None
+
+    def _load_start_point(self) -> None:
+        """Resume (--resume), or load the weights to fine-tune from, or start afresh."""
         path = None
-        if resume:
-            path = ckpt.latest_checkpoint(self.root) if resume == "auto" else Path(resume)
+        if self.resume_from:
+            path = self._newest_intact() if self.resume_from == "auto" else self._verified(Path(self.resume_from))
             if path is not None:
                 self.resume(path)
                 self._log_line(f"resumed from {path} at step {self.step}")
         if path is None and self.cfg.checkpoint.finetune_from:
-            source = Path(self.cfg.checkpoint.finetune_from)
+            source = self._verified(Path(self.cfg.checkpoint.finetune_from))
             self.engine.load(source, load_optimizer=False)
             self._log_line(f"fine-tuning from the weights of {source}")
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from tqdm import tqdm
+
+        if self.is_logger:
+            ckpt.remove_incomplete(self.root)
+            (self.out / EXIT_RECORD).unlink(missing_ok=True)
+        torch.distributed.barrier()
+        try:
+            self._load_start_point()
+        except ConfigError as e:  # the record keeps the Slurm template from requeueing it
+            if self.is_logger:
+                self._write_exit_record(2, str(e))
+            raise
         first_step = self.step
-        logger = MetricsLogger(self.out, self.cfg) if self.is_logger else None
+        logger = MetricsLogger(self.out, self.cfg, self.step) if self.is_logger else None
         loader = iter(self.loader) if self.loader is not None else None
         t = self.cfg.training
         # A live bar on a terminal; in batch logs (Slurm) one plain line per logged step.
@@ -222,54 +327,61 @@ class Trainer:
         watchdog = HangWatchdog(t.hang_timeout_s, self.out, self.env.rank,
                                 self.out / EXIT_RECORD if self.is_logger else None)
         try:
-            while self.step < t.steps:
-                start = time.perf_counter()
-                batches, counts = next_microbatches(self.cfg, loader, self.num_microbatches)
-                metrics = self.engine.train_step(batches)
-                self.step += 1
-                watchdog.beat(self.step)
-                row = self._record(metrics, counts, time.perf_counter() - start)
-                bar.update(1)
-                if logger:
-                    logger.log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-                    if not interactive and self.step % t.log_interval == 0:
-                        print(
-                            f"step {self.step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.3e} "
-                            f"grad_norm {row['grad_norm']:.3f} tokens/s {row['tokens_per_s']:.0f} "
-                            f"TFLOP/s/GPU {row['tflops_per_gpu']:.3f}",
-                            flush=True,
-                        )
-                if self.counters["consecutive_nonfinite"] >= t.max_nonfinite_steps:
-                    path = self.save()  # the weights are the last good ones: bad steps were skipped
-                    return self._exit(
-                        EXIT_NONFINITE,
-                        f"stopping: {self.counters['consecutive_nonfinite']} consecutive steps had a "
-                        f"NaN/Inf loss or gradient (training.max_nonfinite_steps={t.max_nonfinite_steps}); "
-                        f"the last good state is in {path}. Lower training.lr, check the data, or "
-                        "resume from an earlier checkpoint",
-                    )
-                if self.stop.any_rank():
-                    path = self.save()
-                    return self._exit(
-                        EXIT_PREEMPTED,
-                        f"signal received: saved {path} at step {self.step}; exiting with "
-                        f"{EXIT_PREEMPTED} so that the launcher requeues the job",
-                    )
-                if t.exit_after_steps and self.step - first_step >= t.exit_after_steps and self.step < t.steps:
-                    path = self.save()
-                    return self._exit(
-                        EXIT_PREEMPTED,
-                        f"training.exit_after_steps={t.exit_after_steps} reached: saved {path} at "
-                        f"step {self.step}; resume with --resume auto",
-                    )
-                if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.steps:
-                    self.save()
+            return self._loop(loader, logger, bar, watchdog, first_step)
+        except ckpt.SaveFailed as e:
+            return self._exit(EXIT_SAVE_FAILED, f"stopping: {e}")
         finally:
             watchdog.stop()
             bar.close()
             if logger:
                 logger.close()
+
+    def _loop(self, loader, logger, bar, watchdog: HangWatchdog, first_step: int) -> int:
+        t = self.cfg.training
+        interactive = sys.stderr.isatty()
+        while self.step < t.steps:
+            start = time.perf_counter()
+            batches, counts = next_microbatches(self.cfg, loader, self.num_microbatches)
+            metrics = self.engine.train_step(batches)
+            self.step += 1
+            watchdog.beat(self.step)
+            row = self._record(metrics, counts, time.perf_counter() - start)
+            bar.update(1)
+            if logger:
+                logger.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if not interactive and self.step % t.log_interval == 0:
+                    print(
+                        f"step {self.step}/{t.steps} loss {row['loss']:.4f} lr {row['lr']:.3e} "
+                        f"grad_norm {row['grad_norm']:.3f} tokens/s {row['tokens_per_s']:.0f} "
+                        f"TFLOP/s/GPU {row['tflops_per_gpu']:.3f}",
+                        flush=True,
+                    )
+            if self.counters["consecutive_nonfinite"] >= t.max_nonfinite_steps:
+                path = self.save()  # the weights are the last good ones: bad steps were skipped
+                return self._exit(
+                    EXIT_NONFINITE,
+                    f"stopping: {self.counters['consecutive_nonfinite']} consecutive steps had a "
+                    f"NaN/Inf loss or gradient (training.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                    f"the last good state is in {path}. Lower training.lr, check the data, or "
+                    "resume from an earlier checkpoint",
+                )
+            if self.stop.any_rank():
+                path = self.save()
+                return self._exit(
+                    EXIT_PREEMPTED,
+                    f"signal received: saved {path} at step {self.step}; exiting with "
+                    f"{EXIT_PREEMPTED} so that the launcher requeues the job",
+                )
+            if t.exit_after_steps and self.step - first_step >= t.exit_after_steps and self.step < t.steps:
+                path = self.save()
+                return self._exit(
+                    EXIT_PREEMPTED,
+                    f"training.exit_after_steps={t.exit_after_steps} reached: saved {path} at "
+                    f"step {self.step}; resume with --resume auto",
+                )
+            if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.steps:
+                self.save()
         return self._exit(0, f"done: {self.step} steps; checkpoints in {self.root}; metrics in {self.out / 'metrics.jsonl'}")
 
     def _exit(self, code: int, message: str) -> int:
@@ -277,9 +389,15 @@ class Trainer:
         reports any worker's non-zero exit as 1)."""
         if self.is_logger:
             print(message, flush=True)
-            record = {"code": code, "step": self.step, "message": message}
-            (self.out / EXIT_RECORD).write_text(json.dumps(record) + "\n")
+            self._write_exit_record(code, message)
+        # No rank ends before the record exists: under srun --kill-on-bad-exit the first rank to
+        # exit with 75 ends the others.
+        torch.distributed.barrier()
         return code
+
+    def _write_exit_record(self, code: int, message: str) -> None:
+        record = {"code": code, "step": self.step, "message": message}
+        (self.out / EXIT_RECORD).write_text(json.dumps(record) + "\n")
 
     def _record(self, metrics: dict, counts: list[float], seconds: float) -> dict:
         """Update counters and build the step's metrics row (the same on every rank, except
@@ -312,6 +430,11 @@ class Trainer:
             print(text, flush=True)
 
 
+def _listed(problems: list[str], most: int = 3) -> str:
+    more = f" and {len(problems) - most} more" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
+
+
 def _count_local(cfg: Config, batches: list[dict]) -> list[float]:
     """This rank's micro-batches' tokens (padding excluded), images, training FLOPs and images
     that could not be decoded, read from their host copies."""
@@ -336,13 +459,20 @@ def _count(counts: list[float]) -> tuple[int, int, float, int]:
 
 
 class MetricsLogger:
-    """metrics.jsonl rows and the same scalars as tensorboard events under out/tensorboard."""
+    """metrics.jsonl rows and the same scalars as tensorboard events under out/tensorboard. A run
+    resumed at `step` drops the rows logged after it (they are trained again), so that each step
+    has one row."""
 
-    def __init__(self, out: Path, cfg: Config):
+    def __init__(self, out: Path, cfg: Config, step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.file = open(out / "metrics.jsonl", "a")
-        self.writer = SummaryWriter(str(out / "tensorboard"))
+        path = out / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            (out / "metrics.jsonl.tmp").write_text("".join(kept))
+            os.replace(out / "metrics.jsonl.tmp", path)
+        self.file = open(path, "a")
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
         self.interval = cfg.training.log_interval
 
     def log(self, row: dict) -> None:
@@ -379,20 +509,25 @@ def _set_rng_state(state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point (one per process): python -m megatron_mm1.train --config ... --out ..."""
-    from megatron_mm1.runtime import quiet_third_party_warnings, shutdown
+    from megatron_mm1.runtime import EXIT_RENDEZVOUS_TIMEOUT, RendezvousTimeout, dist_env, quiet_third_party_warnings, shutdown
 
     quiet_third_party_warnings()
     ap = argparse.ArgumentParser(description="training worker (run under torchrun; see `mm1 train`)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--resume")
+    ap.add_argument("--new-schedule", action="store_true")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args(argv)
     try:
-        code = Trainer(load_config(args.config, args.set), args.out).run(args.resume)
+        code = Trainer(load_config(args.config, args.set), args.out, args.resume, args.new_schedule).run()
     except ConfigError as e:
-        print(f"mm1 train: {e}", file=sys.stderr)
+        if not isinstance(e, RunRefused) or dist_env().rank == 0:
+            print(f"mm1 train: {e}", file=sys.stderr)
         return 2
+    except RendezvousTimeout as e:
+        print(f"mm1 train: {e}", file=sys.stderr)
+        return EXIT_RENDEZVOUS_TIMEOUT
     shutdown()
     return code
 

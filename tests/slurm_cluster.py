@@ -71,7 +71,13 @@ def _slurm_conf(root: Path) -> str:
         f"SlurmdLogFile={root}/slurmd.%n.log",
         f"NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={p1} CPUs=2 RealMemory=10000",
         f"NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={p2} CPUs=2 RealMemory=10000",
-        "PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP",
+        # A job in `urgent` preempts those in `debug`: Slurm sends the batch script its --signal
+        # (send_user_signal), gives it GraceTime, then requeues it, as on a preemptable partition.
+        "PreemptType=preempt/partition_prio",
+        "PreemptMode=REQUEUE",
+        "SlurmctldParameters=preempt_send_user_signal",  # PreemptParameters=send_user_signal from 23.02
+        "PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120",
+        "PartitionName=urgent Nodes=node[1-2] MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
         "",
     ])
 

@@ -159,10 +159,11 @@ def stored_layout(ckpt: Path) -> dict:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_is_bit_identical(work, kind):
-    from megatron_mm1.checkpoint import load_checkpoint_config
+    from megatron_mm1.checkpoint import load_checkpoint_config, verify_checkpoint
     from megatron_mm1.hf.importer import from_hf
 
     back = from_hf(export(work, kind), work["root"] / f"back_{kind}", progress=False)
+    assert verify_checkpoint(back) == []  # every file in its manifest, as training records them
     assert load_checkpoint_config(back) == load_checkpoint_config(work["root"] / kind)
     if kind in VARIANTS:  # saved by megatron in one process: from-hf writes the same chunks
         assert stored_layout(back) == stored_layout(work["root"] / kind)
@@ -274,15 +275,25 @@ def assert_refused(argv, message, out: Path, capsys) -> None:
 
 
 def test_bad_inputs_are_refused_cleanly(work, capsys):
+    from megatron_mm1.checkpoint import write_manifest
+
     root = work["root"]
     out = root / "refused"
     to_hf = ["convert", "to-hf", "--quiet", "--out", str(out), "--checkpoint"]
 
     broken = root / "broken"
     shutil.copytree(root / "dense", broken)
+    write_manifest(broken)  # as training and from-hf record it
     shard = sorted((broken / "model").glob("*.distcp"))[-1]
     data = shard.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    shard.write_bytes(flipped)
+    assert_refused(to_hf + [str(broken)], f"model/{shard.name} differs from what was saved", out, capsys)
     shard.write_bytes(data[: len(data) // 2])
+    assert_refused(to_hf + [str(broken)], f"model/{shard.name} has {len(data) // 2} bytes, {len(data)} were saved",
+                   out, capsys)
+    (broken / "manifest.json").unlink()  # a folder put together by hand: the structural checks
     assert_refused(to_hf + [str(broken)], "is truncated", out, capsys)
     shard.unlink()
     assert_refused(to_hf + [str(broken)], "is missing", out, capsys)

@@ -20,8 +20,8 @@ from conftest import ROOT, run
 
 MM1 = [sys.executable, "-m", "megatron_mm1.cli"]
 STEPS = 8
-TINY = ["--config", "tiny", "--nodes", "2", "--gpus-per-node", "1", "--steps", str(STEPS),
-        "--set", "training.warmup_steps=2"]
+TWO_NODES = ["--config", "tiny", "--nodes", "2", "--gpus-per-node", "1"]
+TINY = [*TWO_NODES, "--steps", str(STEPS), "--set", "training.warmup_steps=2"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -105,28 +105,28 @@ def whole_run(cluster, data, tmp_path_factory) -> tuple[Path, str]:
 def test_two_nodes_to_completion(whole_run):
     out, job_id = whole_run
     text = log(out, job_id, 0)
-    # Both nodes ran torchrun, and the run ended through its own record.
+    # Both nodes started their training process, and the run ended through its own record.
     assert "node node1" in text and "node node2" in text
     assert json.loads((out / "exit.json").read_text())["code"] == 0
     assert list(losses(out)) == list(range(1, STEPS + 1))
     # The records: rendered script, resolved config, exact command, the rendezvous for 2 nodes.
     assert (out / "train.sbatch").is_file() and (out / "config.yaml").is_file()
     command = (out / "command.sh").read_text()
-    assert "--nnodes=2" in command and "--nproc-per-node=1" in command and "--rdzv-backend=c10d" in command
+    assert "--nodes=2" in command and "--ntasks-per-node=1" in command and "MASTER_PORT=" in command
     assert "--resume auto" in command and "training.steps=" not in command  # --steps passed as is
     assert not (out / "logs" / f"{job_id}-restart1.log").exists()
 
 
-def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
-    out = tmp_path / "split"
-    job_id = submit(data, out)
+def wait_for_first_step(job_id: str, out: Path) -> None:
     end = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
         assert time.time() < end and job_info(job_id)["JobState"] not in FINAL_STATES, describe(job_id, out)
         time.sleep(0.2)
-    # What Slurm does SIGNAL_SECONDS before the time limit (--signal=B:USR1@N), now.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=60)
-    # Slurm holds a requeued job for about two minutes (BeginTime); let it start at once.
+
+
+def release_when_requeued(job_id: str, out: Path) -> None:
+    """Wait until the job has requeued itself, then let it start at once: Slurm holds a requeued
+    job for about two minutes (BeginTime)."""
     end = time.time() + 300
     while job_info(job_id).get("Restarts", "0") == "0" or job_info(job_id)["JobState"] != "PENDING":
         info = job_info(job_id)
@@ -139,6 +139,15 @@ def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
         time.sleep(0.5)
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=60)
+
+
+def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
+    out = tmp_path / "split"
+    job_id = submit(data, out)
+    wait_for_first_step(job_id, out)
+    # What Slurm does SIGNAL_SECONDS before the time limit (--signal=B:USR1@N), now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=60)
+    release_when_requeued(job_id, out)
     info = wait_job(job_id, out)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
 
@@ -152,14 +161,43 @@ def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
     assert split == whole
 
 
+def test_preemption_saves_and_requeues(cluster, data, tmp_path):
+    """A job of a higher-priority partition preempts the run (tests/slurm_cluster.py: GraceTime,
+    PreemptMode=REQUEUE, the user's signal sent at preemption): the batch script gets SIGUSR1,
+    the run saves at the next step boundary and exits 75, and the job is requeued and resumes
+    after the preempting job. A plain scancel then ends it for good, without a requeue."""
+    out = tmp_path / "preempted"
+    proc = run([*MM1, "submit", *TWO_NODES, "--steps", "500", "--set", "training.warmup_steps=2",
+                "--data", str(data), "--out", str(out)])
+    job_id = proc.stdout.split()[-1]
+    wait_for_first_step(job_id, out)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive",
+                             f"--output={tmp_path / 'urgent.out'}", "--wrap", "sleep 1"],
+                            check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    release_when_requeued(job_id, out)
+    assert wait_job(urgent, out)["JobState"] == "COMPLETED"
+    first = log(out, job_id, 0)
+    assert "USR1 received" in first and "exiting with 75" in first and "requeueing" in first, first[-3000:]
+    step = int(re.search(r"saved \S+ at step (\d+)", first).group(1))
+    resumed = out / "logs" / f"{job_id}-restart1.log"
+    end = time.time() + 300
+    while f"at step {step}" not in (resumed.read_text(errors="replace") if resumed.is_file() else ""):
+        assert time.time() < end and job_info(job_id)["JobState"] not in FINAL_STATES, describe(job_id, out)
+        time.sleep(0.5)
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:07d}'} at step {step}" in log(out, job_id, 1)
+    subprocess.run(["scancel", job_id], check=True, timeout=60)
+    info = wait_job(job_id, out, timeout=120)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
+
+
 def test_node_that_never_starts_fails_the_rendezvous(cluster, data, tmp_path):
     timeout = 15
     out = tmp_path / "rdzv"
     proc = run([*MM1, "submit", *TINY, "--data", str(data), "--out", str(out),
                 "--rdzv-timeout", str(timeout), "--max-restarts", "0", "--dry-run"])
-    launch = '    exec "$PYTHON" -m torch.distributed.run'
+    launch = '    exec "$PYTHON" -m megatron_mm1.cli train "$@"'
     assert launch in proc.stdout
-    # The second node's task starts, but never its torchrun.
+    # The second node's task starts, but never its training process.
     script = proc.stdout.replace(launch, '    [ "$SLURM_NODEID" = 1 ] && exec sleep 600\n' + launch)
     (out / "logs").mkdir(parents=True)
     (out / "train.sbatch").write_text(script)
@@ -171,7 +209,7 @@ def test_node_that_never_starts_fails_the_rendezvous(cluster, data, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "124:0", (info, text[-3000:])
     assert "ERROR: rendezvous timeout: not all 2 nodes joined" in text
     assert f"RDZV_TIMEOUT={timeout} s" in text and "not requeued" in text
-    started = re.search(r"node node1 .*starting torchrun", text)
+    started = re.search(r"node node1 .*starting 1 training process", text)
     assert started
     assert time.time() - start < timeout + 120
 
@@ -193,7 +231,7 @@ def test_dry_run_30b_on_64_nodes(tmp_path):
     assert "WARNING" not in proc.stderr
     assert script.startswith("#!/bin/bash\n") and not out.exists()  # nothing written
     sbatch = re.findall(r"^#SBATCH (\S+)", script, re.M)
-    for line in ["--nodes=64", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=B:USR1@300",
+    for line in ["--nodes=64", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=B:USR1@300",
                  "--requeue", "--time=2-00:00:00", "--partition=gpu", "--account=proj",
                  f"--output={out}/logs/%j.out"]:
         assert line in sbatch, (line, sbatch)
@@ -201,25 +239,27 @@ def test_dry_run_30b_on_64_nodes(tmp_path):
     assert re.search(r"^GPUS_PER_NODE=8\b", script, re.M) and re.search(r"^DEVICE=gpu\b", script, re.M)
     assert "CONFIG=mm1-30b\n" in script and f"DATA={data}\n" in script and f"OUT={out}\n" in script
     assert "SETS=(training.lr=1e-4)\n" in script and "MAX_RESTARTS=5\n" in script
-    # The launch line: torchrun per node over NNODES (= SLURM_JOB_NUM_NODES = 64) x 8, then mm1 train.
-    assert 'TORCHRUN=(--nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"' in script
-    assert "-m megatron_mm1.cli train \"${TRAIN[@]}\")" in script
+    # The launch line: one srun task per GPU on each of the NNODES (= SLURM_JOB_NUM_NODES = 64)
+    # nodes, each a training process.
+    assert 'SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE"' in script
+    assert """"${SRUN[@]}" bash -c 'rank_main "$@"' rank_main "${TRAIN[@]}" &""" in script
+    assert 'exec "$PYTHON" -m megatron_mm1.cli train "$@"' in script
     assert 'TRAIN=(--config "$CONFIG" --out "$OUT" --resume auto)' in script
-    assert "--rdzv-backend=c10d" in script and 'srun --nodes="$NNODES" --ntasks-per-node=1' in script
-    assert "scontrol requeue" in script
+    assert "scontrol requeue" in script and "torch.distributed.run" not in script
     check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
     # The rendered command lines, as bash expands them on the allocation.
     expand = script.split("# ==== END OF RUN SETTINGS")[0] + (
-        '\nSLURM_JOB_NUM_NODES=64; NNODES=64\n'
+        '\nSLURM_JOB_NUM_NODES=64; NNODES=64; SLURM_CPUS_ON_NODE=96\n'
         + re.search(r"^TRAIN=\(.*?^for item.*?\n", script, re.M | re.S).group(0)
-        + re.search(r"^TORCHRUN=\(.*?train \"\$\{TRAIN\[@\]\}\"\)\n", script, re.M | re.S).group(0)
-        + 'printf "%s\\n" "${TORCHRUN[@]}"\n'
+        + re.search(r"^SRUN=\(.*?^\[ \"\$DEVICE\" = gpu \] && SRUN\+=.*?\n", script, re.M | re.S).group(0)
+        + 'printf "%s\\n" "${SRUN[@]}" "${TRAIN[@]}"\n'
     )
     args = subprocess.run(["bash", "-c", expand], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert "--nnodes=64" in args and "--nproc-per-node=8" in args
-    train = args[args.index("megatron_mm1.cli"):]
-    assert train[:5] == ["megatron_mm1.cli", "train", "--config", "mm1-30b", "--out"]
+    assert "--nodes=64" in args and "--ntasks-per-node=8" in args and "--gpus-per-node=8" in args
+    assert "--cpus-per-task=12" in args and "--kill-on-bad-exit=1" in args
+    train = args[args.index("--config"):]
+    assert train[:4] == ["--config", "mm1-30b", "--out", str(out)]
     assert ["--data", str(data)] == train[train.index("--data"):train.index("--data") + 2]
     assert ["--set", "training.lr=1e-4"] == train[train.index("--set"):train.index("--set") + 2]
 

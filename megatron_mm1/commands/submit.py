@@ -11,6 +11,7 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from megatron_mm1.config import ConfigError
     from megatron_mm1.planner import GPUS, evaluate_config_layout, fit_warning
+    from megatron_mm1.run_folder import refuse_if_locked
     from megatron_mm1.slurm import Job, check, cluster_has_gpus, render, submit
 
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         rdzv_timeout=args.rdzv_timeout, job_name=args.job_name,
     )
     cfg = check(job.config, job.world_size, data, args.steps, args.set)  # before anything is submitted
+    if not args.dry_run:
+        refuse_if_locked(out)
     script = render(job)
     what = "GPUs" if device == "gpu" else "CPU processes"
     summary = f"{args.config}: {args.nodes} nodes x {args.gpus_per_node} {what} = world size {job.world_size}, valid"
@@ -70,7 +73,7 @@ def add_parser(subparsers) -> None:
         "limit and resumes from the newest checkpoint. See docs/slurm.md.",
     )
     add_train_arguments(p)
-    p.add_argument("--nodes", type=int, required=True, help="nodes (one torchrun per node)")
+    p.add_argument("--nodes", type=int, required=True, help="nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node, one process each (on clusters without GPUs: processes per node)")
     p.add_argument("--gpu-type", choices=GPUS, default="h100-80gb", help="GPU model of the nodes, for the planner's memory check of the layout (default h100-80gb)")
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto", help="gpu: request GPUs; cpu: CPU processes (gloo); auto: cpu when sinfo shows no GPU GRES (default)")
@@ -79,7 +82,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--qos", help="Slurm quality of service")
     p.add_argument("--max-restarts", type=int, help="requeues allowed (time limits, preemptions, failures; default: the template's, 20)")
-    p.add_argument("--rdzv-timeout", type=int, help="seconds for all nodes to join torchrun's rendezvous (default: the template's, 600)")
+    p.add_argument("--rdzv-timeout", type=int, help="seconds for every process to reach the rendezvous (default: the template's, 600)")
     p.add_argument("--job-name", help="Slurm job name (default mm1-CONFIG)")
     p.add_argument("--dry-run", action="store_true", help="check and print the sbatch script; submit nothing")
     p.set_defaults(func=run)

@@ -32,6 +32,8 @@ def worker_args(args: argparse.Namespace, overrides: list[str]) -> list[str]:
     argv = ["--config", args.config, "--out", str(Path(args.out).resolve())]
     if args.resume:
         argv += ["--resume", args.resume]
+    if args.new_schedule:
+        argv.append("--new-schedule")
     for item in overrides:
         argv += ["--set", item]
     return argv
@@ -97,12 +99,16 @@ def add_parser(subparsers) -> None:
         "train",
         help="train or fine-tune (megatron or DeepSpeed engine), with checkpoints and resume",
         description="Train an MM1 model. Run under torchrun/srun (one process per device), or "
-        "give --nproc N to start N local processes. Exit codes: 0 done, 75 stopped by "
-        "SIGTERM/SIGUSR1/SIGINT after saving (requeue), 3 stopped after repeated NaN/Inf steps, 2 "
-        "configuration error.",
+        "give --nproc N to start N local processes. One run per OUT folder. Exit codes: 0 done, 75 "
+        "stopped by SIGTERM/SIGUSR1/SIGINT after saving (requeue), 76 hung (requeue), 74 a checkpoint "
+        "could not be written (disk full), 3 stopped after repeated NaN/Inf steps, 2 configuration "
+        "error, OUT in use or holding another run, or no checkpoint to resume.",
     )
     add_train_arguments(p)
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in OUT, if any) or a checkpoint folder")
+    p.add_argument("--resume", help="'auto' (the newest intact checkpoint in OUT, if any; a damaged one is set "
+                   "aside) or a checkpoint folder; without it OUT must not hold a run yet")
+    p.add_argument("--new-schedule", action="store_true", help="let a resume change the LR schedule's settings "
+                   "(--steps, training.lr, warmup); refused otherwise")
     p.add_argument("--nproc", type=int, default=1, help="local processes to start when not under a launcher (default 1)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config; start nothing")
     p.set_defaults(func=run)

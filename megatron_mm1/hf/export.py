@@ -49,7 +49,7 @@ def to_hf(
     """Convert; returns `out`. Raises ConfigError for bad input, leaving nothing behind."""
     out = Path(out)
     tmp = staging_dir(out)
-    ckpt = MegatronCheckpoint(checkpoint)
+    ckpt = MegatronCheckpoint(checkpoint, progress=progress)
     cfg = ckpt.saved_cfg
     text_config(cfg)  # refuses, before any work, a model no transformers class reproduces
     names = NameMap(

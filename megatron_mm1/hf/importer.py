@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mm1.checkpoint import save_config
+from megatron_mm1.checkpoint import save_config, write_manifest
 from megatron_mm1.config import Config, ConfigError, _build, _merge, config_to_dict, load_config, parse_override
 from megatron_mm1.hf.export import staging_dir
 from megatron_mm1.hf.hf_io import HFFolder
@@ -106,6 +106,7 @@ def from_hf(
         tmp.mkdir(parents=True)
         write_model(tmp / "model", layout, tensor_for, progress)
         save_config(cfg, tmp / "config.yaml")
+        write_manifest(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
