@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     data = out / "data"
     train_args = argparse.Namespace(
-        config=args.config, out=str(out), data=str(data), steps=args.steps, resume=None,
+        config=args.config, out=str(out), data=str(data), steps=args.steps, resume=None, new_schedule=False,
         nproc=args.nproc, dry_run=False, set=[*DEMO_SETTINGS, *args.set],
     )
     if not (data / "tokenizer.model").exists():
