@@ -386,6 +386,38 @@ def verify_checkpoint(path: Path, only: str = "", workers: int = 4, progress: bo
         return [p for p in pool.map(check, names) if p]
 
 
+def checkpoint_folders(path: Path) -> list[Path]:
+    """What `--checkpoint PATH` names: one checkpoint (a folder with config.yaml), or a run folder
+    or its checkpoints/ folder, whose checkpoints come in --resume auto's order."""
+    if (path / "config.yaml").is_file():
+        return [path]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = resume_candidates(root)
+    if not found:
+        raise ConfigError(f"{path} is not an MM1 checkpoint (config.yaml + model/), a run folder or its "
+                          "checkpoints/ folder")
+    return found
+
+
+def intact_checkpoint(path: Path, only: str = "", progress: bool = False) -> Path:
+    """The checkpoint `path` names (checkpoint_folders) with its files (those under `only`)
+    checked against its manifest: that one, or a run's newest intact one, saying which damaged
+    ones it passed over; ConfigError when it is damaged or none is intact. A folder without a
+    manifest (put together by hand) is taken as it is, with a note."""
+    folders = checkpoint_folders(path)
+    for ckpt in folders:
+        if not (ckpt / MANIFEST).is_file() and len(folders) == 1:
+            print(f"note: {ckpt} has no {MANIFEST}: its files' checksums are not checked", file=sys.stderr)
+            return ckpt
+        damaged = verify_checkpoint(ckpt, only=only, progress=progress)
+        if not damaged:
+            return ckpt
+        if len(folders) == 1:
+            raise ConfigError(f"{ckpt} is damaged: {'; '.join(damaged[:3])} (`mm1 checkpoint verify` lists all)")
+        print(f"note: passing over {ckpt}, damaged: {'; '.join(damaged[:3])}", file=sys.stderr)
+    raise ConfigError(f"no intact checkpoint in {path} (`mm1 checkpoint verify {path}` lists what is damaged)")
+
+
 def verify_collective(path: Path) -> list[str]:
     """Every rank checks its share of a checkpoint's files against its manifest; returns the
     problems found by any rank, the same list on every rank. Collective."""

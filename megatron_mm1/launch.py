@@ -98,8 +98,9 @@ def launch_local(nproc: int, module: str, args: list[str]) -> int:
         for rank in range(nproc):
             # One OpenMP thread per rank unless asked otherwise, as torchrun does: N ranks with a
             # thread per core each would oversubscribe the CPUs.
-            env = {"OMP_NUM_THREADS": "1", **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                   "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            env = {"OMP_NUM_THREADS": "1", **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
             procs.append(subprocess.Popen([sys.executable, "-c", entry, *args], env=env, start_new_session=True,
                                           preexec_fn=lambda: _die_with_parent(parent)))
         failed_at = failure = None

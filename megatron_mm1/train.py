@@ -509,7 +509,8 @@ def _set_rng_state(state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point (one per process): python -m megatron_mm1.train --config ... --out ..."""
-    from megatron_mm1.runtime import EXIT_RENDEZVOUS_TIMEOUT, RendezvousTimeout, dist_env, quiet_third_party_warnings, shutdown
+    from megatron_mm1.runtime import (EXIT_RENDEZVOUS_TIMEOUT, RendezvousTimeout, dist_env,
+                                      quiet_third_party_warnings, shutdown)
 
     quiet_third_party_warnings()
     ap = argparse.ArgumentParser(description="training worker (run under torchrun; see `mm1 train`)")

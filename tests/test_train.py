@@ -189,11 +189,7 @@ def test_sigterm_to_one_rank_saves_and_exits_for_requeue(data, tmp_path):
     ranks = _children(proc.pid)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGTERM)
-    record = _assert_saved_for_requeue(proc, out)
-    # The checkpoint loads and training continues from it.
-    train(data, out, 500, 2, ["parallel.tensor_model_parallel_size=2", "training.exit_after_steps=1"],
-          resume="auto", expect=75)
-    assert rows(out)[-1]["step"] == record["step"] + 1
+    _assert_saved_for_requeue(proc, out)  # it loads: test_kill_during_save... resumes one
 
 
 def test_ctrl_c_to_the_launcher_saves_and_exits_for_requeue(data, tmp_path):
@@ -345,13 +341,10 @@ def test_one_run_per_folder(data, tmp_path):
     first.wait()
     assert _wait_for(lambda: not [p for p in tree if _alive(p)], timeout=10)
     assert (out / "run.lock").is_file()
-    # A new run into the folder without --resume: refused (one process will do: rank 0 decides).
+    # A new run into the folder without --resume: past the stale lock file, refused (one process
+    # will do: rank 0 decides). A changed schedule: test_distributed_optimizer_state_is_refused...
     proc = train(data, out, 500, 1, expect=2)
     assert "already holds a run" in proc.stderr and "--resume auto" in proc.stderr
-    # A resume past the stale lock file, with another --steps, which would change the LR
-    # schedule: refused unless asked for (test_distributed_optimizer_state_is_refused... asks).
-    proc = train(data, out, 400, 2, sets, resume="auto", expect=2)
-    assert "lr_decay_steps (training.steps) 500 -> 400" in proc.stderr
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(data, tmp_path):

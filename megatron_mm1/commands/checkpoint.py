@@ -10,29 +10,13 @@ import sys
 from pathlib import Path
 
 
-def checkpoints_in(path: Path) -> list[Path]:
-    """A checkpoint folder itself, or a run's (RUN or RUN/checkpoints) in the order --resume
-    auto tries them."""
-    from megatron_mm1.checkpoint import resume_candidates
-    from megatron_mm1.config import ConfigError
-
-    if not path.is_dir():
-        raise ConfigError(f"{path} does not exist")
-    if (path / "config.yaml").is_file():
-        return [path]
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = resume_candidates(root)
-    if not found:
-        raise ConfigError(f"{path} holds no checkpoint (a step_* folder, a run folder or its checkpoints/)")
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
-    from megatron_mm1.checkpoint import read_manifest, verify_checkpoint
+    from megatron_mm1.checkpoint import checkpoint_folders, read_manifest, verify_checkpoint
 
     results = []
-    for ckpt in checkpoints_in(Path(args.path)):
-        problems = verify_checkpoint(ckpt, workers=args.workers, progress=not args.quiet and not args.json and sys.stderr.isatty())
+    for ckpt in checkpoint_folders(Path(args.path)):
+        progress = not args.quiet and not args.json and sys.stderr.isatty()
+        problems = verify_checkpoint(ckpt, workers=args.workers, progress=progress)
         size = 0 if problems else sum(entry["bytes"] for entry in read_manifest(ckpt).values())
         results.append({"checkpoint": str(ckpt), "intact": not problems, "bytes": size, "problems": problems})
         if not args.json:
