@@ -161,35 +161,6 @@ def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
     assert split == whole
 
 
-def test_preemption_saves_and_requeues(cluster, data, tmp_path):
-    """A job of a higher-priority partition preempts the run (tests/slurm_cluster.py: GraceTime,
-    PreemptMode=REQUEUE, the user's signal sent at preemption): the batch script gets SIGUSR1,
-    the run saves at the next step boundary and exits 75, and the job is requeued and resumes
-    after the preempting job. A plain scancel then ends it for good, without a requeue."""
-    out = tmp_path / "preempted"
-    proc = run([*MM1, "submit", *TWO_NODES, "--steps", "500", "--set", "training.warmup_steps=2",
-                "--data", str(data), "--out", str(out)])
-    job_id = proc.stdout.split()[-1]
-    wait_for_first_step(job_id, out)
-    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive",
-                             f"--output={tmp_path / 'urgent.out'}", "--wrap", "sleep 1"],
-                            check=True, capture_output=True, text=True, timeout=60).stdout.strip()
-    release_when_requeued(job_id, out)
-    assert wait_job(urgent, out)["JobState"] == "COMPLETED"
-    first = log(out, job_id, 0)
-    assert "USR1 received" in first and "exiting with 75" in first and "requeueing" in first, first[-3000:]
-    step = int(re.search(r"saved \S+ at step (\d+)", first).group(1))
-    resumed = out / "logs" / f"{job_id}-restart1.log"
-    end = time.time() + 300
-    while f"at step {step}" not in (resumed.read_text(errors="replace") if resumed.is_file() else ""):
-        assert time.time() < end and job_info(job_id)["JobState"] not in FINAL_STATES, describe(job_id, out)
-        time.sleep(0.5)
-    assert f"resumed from {out / 'checkpoints' / f'step_{step:07d}'} at step {step}" in log(out, job_id, 1)
-    subprocess.run(["scancel", job_id], check=True, timeout=60)
-    info = wait_job(job_id, out, timeout=120)
-    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
-
-
 def test_node_that_never_starts_fails_the_rendezvous(cluster, data, tmp_path):
     timeout = 15
     out = tmp_path / "rdzv"
