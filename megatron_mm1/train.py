@@ -327,7 +327,7 @@ class Trainer:
         watchdog = HangWatchdog(t.hang_timeout_s, self.out, self.env.rank,
                                 self.out / EXIT_RECORD if self.is_logger else None)
         try:
-            return self._loop(loader, logger, bar, watchdog, first_step)
+            return self._loop(loader, logger, bar, watchdog, first_step, interactive)
         except ckpt.SaveFailed as e:
             return self._exit(EXIT_SAVE_FAILED, f"stopping: {e}")
         finally:
@@ -336,9 +336,8 @@ class Trainer:
             if logger:
                 logger.close()
 
-    def _loop(self, loader, logger, bar, watchdog: HangWatchdog, first_step: int) -> int:
+    def _loop(self, loader, logger, bar, watchdog: HangWatchdog, first_step: int, interactive: bool) -> int:
         t = self.cfg.training
-        interactive = sys.stderr.isatty()
         while self.step < t.steps:
             start = time.perf_counter()
             batches, counts = next_microbatches(self.cfg, loader, self.num_microbatches)
