@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import queue
 import re
@@ -49,27 +50,28 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
     return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
-def save_sharded(state: dict, path: Path) -> None:
+def save_sharded(state: dict, path: Path, background: bool = False):
     """Save this rank's part of a megatron-core sharded state dict into the new
-    dist_checkpointing folder `path`. Collective over all ranks."""
+    dist_checkpointing folder `path`. Collective over all ranks. `background`: plan the save and
+    return megatron's AsyncRequest, whose writing BackgroundSaves runs in a forked process."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=False)
     torch.distributed.barrier()
-    # megatron's writer hands each save's results back through a queue that it makes, once per
-    # process, in a spawn-started multiprocessing Manager; that server imports torch to unpickle
-    # them, seconds per rank on the first save. A synchronous save puts and takes them in this
-    # process, so a plain queue serves.
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(state, str(path))
+    # megatron's writer hands a save's results back through a queue that it takes from this
+    # module global when the save is planned. Its own, made once per process, is a spawn-started
+    # multiprocessing Manager, whose server imports torch (seconds per rank on the first save)
+    # and which every save in flight shares. A queue per save instead: in this process for a
+    # synchronous save, a pipe inherited by the forked writer for a background one.
+    filesystem_async._results_queue = multiprocessing.get_context("fork").Queue() if background else queue.Queue()
+    return dist_checkpointing.save(state, str(path), async_sharded_save=background)
 
 
-def save_model(model: list[torch.nn.Module], path: Path) -> None:
+def save_model(model: list[torch.nn.Module], path: Path, background: bool = False):
     """Save this rank's shards of the weights into the dist_checkpointing folder `path`."""
-    save_sharded(model_sharded_state_dict(model), path)
+    return save_sharded(model_sharded_state_dict(model), path, background)
 
 
 def load_model(model: list[torch.nn.Module], path: Path) -> None:
@@ -244,6 +246,46 @@ def finish_save(root: Path, tmp: Path, step: int, keep_last: int) -> Path:
     if torch.distributed.get_rank() == 0:
         _prune_in_background(root, step, keep_last)
     return final
+
+
+class BackgroundSaves:
+    """checkpoint.async_save: megatron-core's asynchronous dist_checkpointing. Training waits
+    only while each rank's tensors are staged in host memory (a copy from the GPU; on the CPU
+    the fork's copy-on-write snapshot) and a process is forked per folder to write them. The
+    loop then polls at every step boundary; when every rank's writers have finished, megatron's
+    finalization (the metadata) and finish_save (checksums, rename, `latest`) run, on all ranks
+    at the same step. One save at a time: a new one first waits for the one in flight."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.calls = AsyncCallsQueue()
+        self.pending: tuple[Path, Path, int, int] | None = None  # root, tmp, step, keep_last
+
+    def start(self, requests: list, root: Path, tmp: Path, step: int, keep_last: int) -> None:
+        """Fork the writers of `requests` (save_sharded(..., background=True)). Collective."""
+        for request in requests:
+            self.calls.schedule_async_request(request)
+        self.pending = (root, tmp, step, keep_last)
+
+    def poll(self, wait: bool = False) -> Path | None:
+        """The checkpoint published now, if its writers have finished on every rank (`wait`:
+        wait until they have). SaveFailed on every rank if a write failed. Collective."""
+        if self.pending is None:
+            return None
+        root, tmp, step, keep_last = self.pending
+        error = None
+        try:
+            self.calls.maybe_finalize_async_calls(blocking=wait)
+        except SAVE_ERRORS as e:
+            error = e
+        if error is not None:
+            self.pending = None
+        agree_on_errors(error, step, tmp)
+        if self.calls.get_num_unfinalized_calls():
+            return None
+        self.pending = None
+        return finish_save(root, tmp, step, keep_last)
 
 
 def _prune_in_background(root: Path, step: int, keep_last: int) -> None:

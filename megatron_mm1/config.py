@@ -270,6 +270,9 @@ class CheckpointConfig:
     # Fine-tuning: start from this checkpoint's weights (any layout), with a fresh optimizer,
     # schedule and data order. Ignored when --resume finds a checkpoint of this run.
     finetune_from: Optional[str] = None
+    # Periodic saves written by forked processes while training goes on (megatron engine);
+    # the stop, NaN and last saves still wait for theirs. docs/training.md has the figures.
+    async_save: bool = False
 
 
 @dataclass
@@ -708,6 +711,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             not p.sequence_parallel,
             "training.engine=deepspeed does not reduce sequence-parallel norm gradients: set "
             "parallel.sequence_parallel=false or use training.engine=megatron",
+            errors,
+        )
+        _check(
+            not cfg.checkpoint.async_save,
+            "checkpoint.async_save=true needs training.engine=megatron (DeepSpeed's checkpoints "
+            "are written synchronously): set checkpoint.async_save=false",
             errors,
         )
     _check(cfg.checkpoint.save_interval >= 1, "checkpoint.save_interval must be >= 1", errors)

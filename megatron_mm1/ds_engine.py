@@ -226,15 +226,16 @@ class DeepSpeedEngine(Engine):
             "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         }
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, background: bool = False) -> list:
         """DeepSpeed's checkpoint (weights, ZeRO optimizer partitions) in path/deepspeed, for
         exact resume at the same layout; the weights also in path/model, which conversion and
-        any other layout or engine can read."""
+        any other layout or engine can read. Synchronous (validate refuses async_save)."""
         self.engine.save_checkpoint(str(path / "deepspeed"), tag=DS_TAG)
         if torch.distributed.get_rank() == 0:
             (path / "deepspeed" / DS_LAYOUT).write_text(json.dumps(self._layout()))
         with self._full_weights():
             save_model([self.model], path / "model")
+        return []
 
     def load(self, path: Path, load_optimizer: bool) -> None:
         if load_optimizer:

@@ -241,14 +241,15 @@ class MegatronEngine(Engine):
                 chunk.disable_forward_pre_hook(param_sync=True)
                 chunk.enable_forward_pre_hook()
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, background: bool = False) -> list:
         """Weights in path/model (any layout can load them), optimizer in path/optimizer."""
         self._sync_params()
-        save_model(self.model, path / "model")
+        model = save_model(self.model, path / "model", background)
         state = self.optimizer.sharded_state_dict(
             model_sharded_state_dict(self.model), metadata=_OPTIMIZER_METADATA
         )
-        save_sharded({"optimizer": state}, path / "optimizer")
+        optimizer = save_sharded({"optimizer": state}, path / "optimizer", background)
+        return [model, optimizer] if background else []
 
     def load(self, path: Path, load_optimizer: bool) -> None:
         from megatron.core import dist_checkpointing

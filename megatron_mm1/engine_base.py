@@ -39,7 +39,9 @@ class Engine(abc.ABC):
         `grad_norm` and `lr`."""
 
     @abc.abstractmethod
-    def save(self, path: Path) -> None: ...
+    def save(self, path: Path, background: bool = False) -> list:
+        """Write this rank's part of a checkpoint into `path`; `background`: plan it and return
+        the AsyncRequests that write it (checkpoint.BackgroundSaves)."""
 
     @abc.abstractmethod
     def load(self, path: Path, load_optimizer: bool) -> None: ...

@@ -146,6 +146,7 @@ class Trainer:
             first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
             self.loader = build_loader(cfg, self.dp_rank, self.dp, images=first)
             self.writes_data_state = first
+        self.background_saves = ckpt.BackgroundSaves() if cfg.checkpoint.async_save else None
         self.step = 0
         self.counters = {"skipped_steps": 0, "consecutive_nonfinite": 0, "tokens": 0, "images": 0,
                          "skipped_images": 0}
@@ -173,13 +174,17 @@ class Trainer:
             raise RunRefused(verdict[0])
         return lock
 
-    def save(self) -> Path:
-        """Save a checkpoint of this step (collective); SaveFailed on every rank if any rank
-        could not write its part."""
+    def save(self, wait: bool = True) -> Path | None:
+        """Save a checkpoint of this step (collective) and return its folder; SaveFailed on every
+        rank if any rank could not write its part. With checkpoint.async_save and not `wait`,
+        its writing goes on in the background and None is returned (published by poll_saves)."""
+        background = self.background_saves
+        if background:
+            self._publish(wait=True)  # one save in flight at a time
         tmp = ckpt.begin_save(self.root, self.step)
-        error = None
+        error, requests = None, []
         try:
-            self.engine.save(tmp)
+            requests = self.engine.save(tmp, background=background is not None)
             if self.writes_data_state:
                 (tmp / "data" / f"dp{self.dp_rank}.json").write_text(json.dumps(self.loader.state_dict()))
             torch.save(_rng_state(), tmp / "rng" / f"rank{self.env.rank}.pt")
@@ -195,7 +200,27 @@ class Trainer:
         except ckpt.SAVE_ERRORS as e:
             error = e
         ckpt.agree_on_errors(error, self.step, tmp)
-        return ckpt.finish_save(self.root, tmp, self.step, self.cfg.checkpoint.keep_last)
+        if not background:
+            return ckpt.finish_save(self.root, tmp, self.step, self.cfg.checkpoint.keep_last)
+        background.start(requests, self.root, tmp, self.step, self.cfg.checkpoint.keep_last)
+        return background.poll(wait=True) if wait else None
+
+    def _publish(self, wait: bool) -> None:
+        """Publish a background save once its writing has finished on every rank. Collective."""
+        path = self.background_saves.poll(wait)
+        if path:
+            self._log_line(f"saved {path} (written in the background)")
+
+    def _checkpoint(self) -> float:
+        """The step boundary's checkpoint work: publish a background save that has finished,
+        save when one is due. Returns the seconds training waited for it. Collective."""
+        start = time.perf_counter()
+        if self.background_saves:
+            self._publish(wait=False)
+        t = self.cfg.training
+        if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.steps:
+            self.save(wait=self.step == t.steps)
+        return time.perf_counter() - start
 
     def _layout(self) -> dict:
         p = self.cfg.parallel
@@ -345,6 +370,9 @@ class Trainer:
             self.step += 1
             watchdog.beat(self.step)
             row = self._record(metrics, counts, time.perf_counter() - start)
+            stop = self._stop_reason(first_step)
+            if stop is None:
+                row["checkpoint_s"] = self._checkpoint()
             bar.update(1)
             if logger:
                 logger.log(row)
@@ -356,32 +384,34 @@ class Trainer:
                         f"TFLOP/s/GPU {row['tflops_per_gpu']:.3f}",
                         flush=True,
                     )
-            if self.counters["consecutive_nonfinite"] >= t.max_nonfinite_steps:
-                path = self.save()  # the weights are the last good ones: bad steps were skipped
-                return self._exit(
-                    EXIT_NONFINITE,
-                    f"stopping: {self.counters['consecutive_nonfinite']} consecutive steps had a "
-                    f"NaN/Inf loss or gradient (training.max_nonfinite_steps={t.max_nonfinite_steps}); "
-                    f"the last good state is in {path}. Lower training.lr, check the data, or "
-                    "resume from an earlier checkpoint",
-                )
-            if self.stop.any_rank():
-                path = self.save()
-                return self._exit(
-                    EXIT_PREEMPTED,
-                    f"signal received: saved {path} at step {self.step}; exiting with "
-                    f"{EXIT_PREEMPTED} so that the launcher requeues the job",
-                )
-            if t.exit_after_steps and self.step - first_step >= t.exit_after_steps and self.step < t.steps:
-                path = self.save()
-                return self._exit(
-                    EXIT_PREEMPTED,
-                    f"training.exit_after_steps={t.exit_after_steps} reached: saved {path} at "
-                    f"step {self.step}; resume with --resume auto",
-                )
-            if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.steps:
-                self.save()
+            if stop is not None:
+                code, why = stop
+                return self._exit(code, why(self.save()))
         return self._exit(0, f"done: {self.step} steps; checkpoints in {self.root}; metrics in {self.out / 'metrics.jsonl'}")
+
+    def _stop_reason(self, first_step: int):
+        """(exit code, message for the saved checkpoint) when the run stops at this step, else
+        None. Collective (the signal check)."""
+        t = self.cfg.training
+        if self.counters["consecutive_nonfinite"] >= t.max_nonfinite_steps:
+            # The weights saved are the last good ones: bad steps were skipped.
+            return EXIT_NONFINITE, lambda path: (
+                f"stopping: {self.counters['consecutive_nonfinite']} consecutive steps had a "
+                f"NaN/Inf loss or gradient (training.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                f"the last good state is in {path}. Lower training.lr, check the data, or "
+                "resume from an earlier checkpoint"
+            )
+        if self.stop.any_rank():
+            return EXIT_PREEMPTED, lambda path: (
+                f"signal received: saved {path} at step {self.step}; exiting with "
+                f"{EXIT_PREEMPTED} so that the launcher requeues the job"
+            )
+        if t.exit_after_steps and self.step - first_step >= t.exit_after_steps and self.step < t.steps:
+            return EXIT_PREEMPTED, lambda path: (
+                f"training.exit_after_steps={t.exit_after_steps} reached: saved {path} at "
+                f"step {self.step}; resume with --resume auto"
+            )
+        return None
 
     def _exit(self, code: int, message: str) -> int:
         """Say why the run ends, in the log and in out/exit.json (launchers read it: torchrun

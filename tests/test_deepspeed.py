@@ -106,8 +106,9 @@ def mm1_train(data, out, sets, nproc=2, config="tiny", resume=None):  # noqa: F8
         ("tiny-moe", ["parallel.expert_model_parallel_size=2"], "cannot train mixture-of-experts"),
         ("tiny", ["parallel.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size=1"),
         ("tiny", [*TP2, "parallel.sequence_parallel=true"], "parallel.sequence_parallel=false"),
+        ("tiny", ["checkpoint.async_save=true"], "checkpoint.async_save=false"),
     ],
-    ids=["moe", "pp", "sp"],
+    ids=["moe", "pp", "sp", "async-save"],
 )
 def test_refused_layouts_name_the_megatron_engine(data, tmp_path, config, sets, message):  # noqa: F811
     proc = mm1_train(data, tmp_path, [*zero("zero2"), *sets], config=config)

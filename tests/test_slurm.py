@@ -1,6 +1,6 @@
 """The Slurm launcher (`mm1 submit`, slurm/train.sbatch) against a real two-node Slurm cluster
-started on this machine (tests/slurm_cluster.py): a run to completion on both nodes, a signal
-before the time limit (checkpoint, requeue, resume, the uninterrupted run's losses), a node that
+started on this machine (tests/slurm_cluster.py): a run to completion on both nodes, a
+preemption (checkpoint, requeue, resume, the uninterrupted run's losses), a node that
 never joins the rendezvous, and the rendered script for mm1-30b on 64 x 8 GPUs with the planner's
 memory check of its layout."""
 
@@ -141,19 +141,29 @@ def release_when_requeued(job_id: str, out: Path) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=60)
 
 
-def test_signal_checkpoints_requeues_and_resumes(whole_run, data, tmp_path):
+def test_preemption_saves_requeues_and_resumes(whole_run, data, tmp_path):
+    """A job of a higher-priority partition preempts the run (tests/slurm_cluster.py: GraceTime,
+    PreemptMode=REQUEUE, the job's --signal sent at preemption, as before a time limit): the
+    batch script gets SIGUSR1, the run saves at the next step boundary and exits 75, the job
+    requeues itself once, and after the preempting job it resumes to the uninterrupted run's
+    losses."""
     out = tmp_path / "split"
     job_id = submit(data, out)
     wait_for_first_step(job_id, out)
-    # What Slurm does SIGNAL_SECONDS before the time limit (--signal=B:USR1@N), now.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=60)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive",
+                             f"--output={tmp_path / 'urgent.out'}", "--wrap", "sleep 1"],
+                            check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    # Released only after the preempting job: started before it, the run would be preempted again.
+    assert wait_job(urgent, out)["JobState"] == "COMPLETED"
     release_when_requeued(job_id, out)
     info = wait_job(job_id, out)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
 
     first, second = log(out, job_id, 0), log(out, job_id, 1)
     assert "USR1 received" in first and "exiting with 75" in first and "requeueing" in first
-    assert "resumed from" in second and "done" in second
+    step = int(re.search(r"saved \S+ at step (\d+)", first).group(1))
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:07d}'} at step {step}" in second
+    assert "done" in second
     whole = losses(whole_run[0])
     split = losses(out)
     assert list(split) == list(range(1, STEPS + 1))  # every step once: saved at a step boundary

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run
 
-from megatron_mm1.checkpoint import complete_checkpoints, latest_checkpoint
+from megatron_mm1.checkpoint import complete_checkpoints, latest_checkpoint, verify_checkpoint
 from megatron_mm1.watchdog import EXIT_HUNG
 
 TP2PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
@@ -64,18 +64,28 @@ def dense_tp2pp2_run(data, tmp_path_factory):
     return out
 
 
-def check_exact_resume(data, whole, split, config, nproc, layout) -> None:
-    """Stop after step 2 (as a requeued job does), resume: the same 4 losses, bit for bit."""
-    train(data, split, 4, nproc, [*layout, "training.exit_after_steps=2"], config, expect=75)
+def check_exact_resume(data, whole, split, config, nproc, layout, first_half=()) -> str:
+    """Stop after step 2 (as a requeued job does), resume: the same 4 losses, bit for bit. The
+    first half's output."""
+    proc = train(data, split, 4, nproc, [*layout, "training.exit_after_steps=2", *first_half], config, expect=75)
     assert [r["step"] for r in rows(split)] == [1, 2]
     train(data, split, 4, nproc, layout, config, resume="auto")
     assert [r["step"] for r in rows(split)] == [1, 2, 3, 4]
     assert losses(split) == losses(whole)  # bit-identical, not merely close
     assert losses(whole)[4] < losses(whole)[1]
+    return proc.stdout + proc.stderr
 
 
 def test_exact_resume_dense_tp2pp2(data, tmp_path, dense_tp2pp2_run):
-    check_exact_resume(data, dense_tp2pp2_run, tmp_path / "split", "tiny", 4, TP2PP2)
+    # The first half saves in the background (forked writers, distributed optimizer state
+    # included) at every step; the stop's save waits for the one in flight, then for its own.
+    split = tmp_path / "split"
+    output = check_exact_resume(data, dense_tp2pp2_run, split, "tiny", 4, TP2PP2,
+                                ["checkpoint.async_save=true", "checkpoint.save_interval=1"])
+    assert f"saved {split / 'checkpoints' / 'step_0000001'} (written in the background)" in output
+    assert f"saved {split / 'checkpoints' / 'step_0000002'} at step 2" in output
+    assert all(0 <= r["checkpoint_s"] < 60 for r in rows(split)[:1])
+    assert verify_checkpoint(split / "checkpoints" / "step_0000001") == []
 
 
 def test_exact_resume_moe_pp2_vpp2_ep2(data, tmp_path):
