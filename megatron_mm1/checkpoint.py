@@ -11,6 +11,7 @@ only them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -21,12 +22,16 @@ import shutil
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_mm1.config import Config, ConfigError, _build, config_to_dict
+
+if TYPE_CHECKING:
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -50,7 +55,7 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
     return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
-def save_sharded(state: dict, path: Path, background: bool = False):
+def save_sharded(state: dict, path: Path, background: bool = False) -> AsyncRequest | None:
     """Save this rank's part of a megatron-core sharded state dict into the new
     dist_checkpointing folder `path`. Collective over all ranks. `background`: plan the save and
     return megatron's AsyncRequest, whose writing BackgroundSaves runs in a forked process."""
@@ -69,7 +74,7 @@ def save_sharded(state: dict, path: Path, background: bool = False):
     return dist_checkpointing.save(state, str(path), async_sharded_save=background)
 
 
-def save_model(model: list[torch.nn.Module], path: Path, background: bool = False):
+def save_model(model: list[torch.nn.Module], path: Path, background: bool = False) -> AsyncRequest | None:
     """Save this rank's shards of the weights into the dist_checkpointing folder `path`."""
     return save_sharded(model_sharded_state_dict(model), path, background)
 
@@ -104,6 +109,7 @@ STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 DAMAGED_PREFIX = "damaged-"
 MANIFEST = "manifest.json"
+WRITER_DIGEST = ".sha256"  # beside a file its background writer checksummed, until published
 # Files whose name says which rank wrote them: megatron's shards, our RNG states.
 _WRITER = re.compile(r"^__(\d+)_\d+\.distcp$|^rank(\d+)\.pt$")
 
@@ -251,10 +257,11 @@ def finish_save(root: Path, tmp: Path, step: int, keep_last: int) -> Path:
 class BackgroundSaves:
     """checkpoint.async_save: megatron-core's asynchronous dist_checkpointing. Training waits
     only while each rank's tensors are staged in host memory (a copy from the GPU; on the CPU
-    the fork's copy-on-write snapshot) and a process is forked per folder to write them. The
-    loop then polls at every step boundary; when every rank's writers have finished, megatron's
-    finalization (the metadata) and finish_save (checksums, rename, `latest`) run, on all ranks
-    at the same step. One save at a time: a new one first waits for the one in flight."""
+    the fork's copy-on-write snapshot) and a process is forked per folder to write them and
+    checksum what it wrote. The loop then polls at every step boundary; when every rank's
+    writers have finished, megatron's finalization (the metadata) and finish_save (manifest,
+    rename, `latest`) run, on all ranks at the same step. One save at a time: a new one first
+    waits for the one in flight."""
 
     def __init__(self):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -265,6 +272,8 @@ class BackgroundSaves:
     def start(self, requests: list, root: Path, tmp: Path, step: int, keep_last: int) -> None:
         """Fork the writers of `requests` (save_sharded(..., background=True)). Collective."""
         for request in requests:
+            if request.async_fn is not None:  # None: nothing to write on this rank
+                request = request._replace(async_fn=functools.partial(_write_then_digest, request.async_fn))
             self.calls.schedule_async_request(request)
         self.pending = (root, tmp, step, keep_last)
 
@@ -341,11 +350,31 @@ def file_sha256(path: Path, sync: bool = False) -> str:
 
 def _file_sizes(path: Path) -> dict[str, int]:
     return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*"))
-            if p.is_file() and p != path / MANIFEST}
+            if p.is_file() and p != path / MANIFEST and not p.name.endswith(WRITER_DIGEST)}
 
 
 def _checksums(path: Path, names: list[str], sizes: dict[str, int]) -> dict[str, dict]:
-    return {name: {"bytes": sizes[name], "sha256": file_sha256(path / name, sync=True)} for name in names}
+    return {name: {"bytes": sizes[name], "sha256": _digest(path / name)} for name in names}
+
+
+def _digest(path: Path) -> str:
+    """The SHA-256 its background writer left beside the file (consumed), else computed now."""
+    left = path.with_name(path.name + WRITER_DIGEST)
+    if left.is_file():
+        digest = left.read_text()
+        left.unlink()
+        return digest
+    return file_sha256(path, sync=True)
+
+
+def _write_then_digest(write, *args, **kwargs) -> None:
+    """A background writer (forked): megatron's write of this rank's files (args: rank, write
+    buckets, results queue), then each file's SHA-256 beside it, so that publishing the
+    checkpoint does not stop training to read them again."""
+    write(*args, **kwargs)
+    for file_path, *_ in args[1]:
+        if os.path.isfile(file_path):
+            Path(f"{file_path}{WRITER_DIGEST}").write_text(file_sha256(Path(file_path), sync=True))
 
 
 def _save_manifest(path: Path, files: dict[str, dict]) -> None:

@@ -15,13 +15,13 @@ import json
 import logging
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 
-from megatron_mm1.checkpoint import load_model, save_model
+from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_sharded
 from megatron_mm1.config import Config, ConfigError
 from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.engine_base import Engine, loss_func, reduce_metrics
@@ -143,6 +143,24 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, ds_config: dict):
     return optimizer, scheduler
 
 
+def _balanced_writers(sizes: list[int], ranks: int) -> list[int]:
+    """For each tensor, the rank that writes it: largest first, to the least-loaded rank."""
+    load, writers = [0] * ranks, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        writers[i] = load.index(min(load))
+        load[writers[i]] += sizes[i]
+    return writers
+
+
+def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of `tensor`'s shape and dtype on the host that takes no memory."""
+    return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+
+
+def _is_placeholder(tensor: torch.Tensor) -> bool:
+    return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
+
+
 class DeepSpeedEngine(Engine):
     """One model (PP=1) under a DeepSpeed ZeRO engine.
 
@@ -164,6 +182,7 @@ class DeepSpeedEngine(Engine):
         (self.model,) = build_model(cfg)  # PP=1 under DeepSpeed: one chunk
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.ds_config)
         self._engine = None
+        self._writers: dict[int, int] | None = None  # id(parameter) -> DP rank writing it, while saving
 
     @property
     def engine(self):
@@ -208,14 +227,57 @@ class DeepSpeedEngine(Engine):
         self.scheduler.step(increment=1)
         return {**metrics, "skipped": False, "grad_norm": float(engine.get_global_grad_norm()), "lr": self.lr()}
 
-    def _full_weights(self):
-        """ZeRO-3 partitions the parameters over DP ranks; gather them (read-only) for a
-        layout-free copy of the weights."""
+    @contextmanager
+    def _weights_to_save(self):
+        """Within it, model_sharded_state_dict gives the weights to save in path/model, each
+        written by one rank. ZeRO-3 partitions every parameter over the DP ranks; they are
+        gathered one at a time, and each is kept (on the host) only by the DP rank chosen to
+        write it (balanced by size), the others holding a placeholder of its shape that they
+        never write: no rank holds the whole model. Without ZeRO-3 the weights are whole on
+        every DP rank and DP rank 0 writes them, as under the megatron engine."""
         if self.engine.zero_optimization_stage() < 3:
-            return nullcontext()
+            yield
+            return
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        params = list(self.model.parameters())
+        dp_rank = parallel_state.get_data_parallel_rank()
+        writers = _balanced_writers([p.ds_numel for p in params], parallel_state.get_data_parallel_world_size())
+        partitions, whole = [p.data for p in params], []
+        for param, writer in zip(params, writers):
+            with deepspeed.zero.GatheredParameters([param]):
+                mine = writer == dp_rank
+                whole.append(param.data.to("cpu", copy=True) if mine else _placeholder(param.data))
+        self._writers = {id(param): writer for param, writer in zip(params, writers)}
+        try:
+            for param, tensor in zip(params, whole):
+                param.data = tensor
+            yield
+        finally:
+            for param, partition in zip(params, partitions):
+                param.data = partition
+            self._writers = None
+
+    def _weights_state(self) -> dict:
+        """The sharded state dict of the weights (inside _weights_to_save): under ZeRO-3 each
+        parameter's main replica is its writer's copy; a placeholder is never a main replica."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+        state = model_sharded_state_dict([self.model])
+        if self._writers is None:
+            return state
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        for item in nested_values(state):
+            data = getattr(item, "data", None)
+            writer = self._writers.get(id(data))
+            if writer is not None:
+                # megatron's replica id ends with the DP rank; now 0 only on the writer, and
+                # unique within the DP group.
+                item.replica_id = (*tuple(item.replica_id)[:-1], (dp_rank - writer) % dp)
+            elif data is not None and is_main_replica(item.replica_id) and _is_placeholder(data):
+                raise RuntimeError(f"{item.key}: a ZeRO-3 placeholder would be saved as weights")
+        return state
 
     def _layout(self) -> dict:
         zero = self.ds_config.get("zero_optimization", {})
@@ -233,8 +295,8 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(path / "deepspeed"), tag=DS_TAG)
         if torch.distributed.get_rank() == 0:
             (path / "deepspeed" / DS_LAYOUT).write_text(json.dumps(self._layout()))
-        with self._full_weights():
-            save_model([self.model], path / "model")
+        with self._weights_to_save():
+            save_sharded(self._weights_state(), path / "model")
         return []
 
     def load(self, path: Path, load_optimizer: bool) -> None:

@@ -177,7 +177,7 @@ class Trainer:
     def save(self, wait: bool = True) -> Path | None:
         """Save a checkpoint of this step (collective) and return its folder; SaveFailed on every
         rank if any rank could not write its part. With checkpoint.async_save and not `wait`,
-        its writing goes on in the background and None is returned (published by poll_saves)."""
+        its writing goes on in the background and None is returned (published by _publish)."""
         background = self.background_saves
         if background:
             self._publish(wait=True)  # one save in flight at a time

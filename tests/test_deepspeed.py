@@ -73,6 +73,9 @@ def test_zero3_tp2_weights_load_at_another_layout(data, tmp_path):  # noqa: F811
     assert_close(a, losses(tmp_path / "megatron"), range(1, STEPS + 1))
     # TP2 x ZeRO-3 -> TP1 x ZeRO-1, weights only: step 3's loss comes from step 2's weights.
     ckpt = tmp_path / "a" / "checkpoints" / "step_0000002"
+    # Each DP rank wrote its share of path/model (ranks 0, 1: DP rank 0; 2, 3: DP rank 1), from
+    # parameters gathered one at a time: no rank gathered the whole model.
+    assert {int(f.name.split("_")[2]) for f in (ckpt / "model").glob("__*_*.distcp")} == {0, 1, 2, 3}
     train(data, tmp_path / "b", 3, 2, [*zero("zero1"), "checkpoint.load_optimizer=false"], resume=str(ckpt),
           args=["--new-schedule"])  # 3 steps, not the run's 4: step 3's loss does not depend on it
     b = losses(tmp_path / "b")

@@ -1,5 +1,5 @@
 """The device audit (megatron_mm1/device_audit.py, MM1_DEVICE_AUDIT=1) over what users run, on
-CPU: a training step of the megatron engine (dense TP2xPP2 with a save and a resume; MoE EP2
+CPU: a training step of the megatron engine (dense TP2xPP2 with a background save and a resume; MoE EP2
 with frozen towers and without the distributed optimizer), a step of the DeepSpeed engine
 (ZeRO-2, ZeRO-3), `mm1 benchmark` and `mm1 convert to-hf --verify`. Each would fail on any
 tensor on the wrong side for a CUDA/NCCL run; tests/device_audit_cases.py shows the audit
@@ -39,10 +39,11 @@ def test_the_audit_refuses_each_kind_of_mistake():
 
 @pytest.fixture(scope="module")
 def dense_checkpoint(data, tmp_path_factory):  # noqa: F811
-    """Dense TP2 x PP2 with SP and the distributed optimizer: a step and a save, then a resume
-    (weights and optimizer state loaded) and another step."""
+    """Dense TP2 x PP2 with SP and the distributed optimizer: a step and a save (through the
+    background writers), then a resume (weights and optimizer state loaded) and another step."""
     out = tmp_path_factory.mktemp("audit-dense")
-    audited(train_cmd(data, out, 2, 4, [*TP2PP2, "training.exit_after_steps=1"]), ranks=4, expect=75)
+    audited(train_cmd(data, out, 2, 4, [*TP2PP2, "training.exit_after_steps=1", "checkpoint.async_save=true"]),
+            ranks=4, expect=75)
     audited(train_cmd(data, out, 2, 4, TP2PP2, resume="auto"), ranks=4)
     return out / "checkpoints" / "step_0000002"
 
