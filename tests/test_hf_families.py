@@ -252,7 +252,7 @@ def test_train_at_tp2_then_export(sources, towers, demo_data, tmp_path, name):
         cmd += ["--set", item]
     run(cmd)
     trained = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    exported = to_hf(trained, tmp_path / "export", text_only=True, progress=False)
+    exported = to_hf(tmp_path / "run", tmp_path / "export", text_only=True, progress=False)  # its newest
     back = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     assert type(back).__name__ == ARCHITECTURES[model.config.model_type]
     with safe_open(str(next(exported.glob("*.safetensors"))), "pt") as f:

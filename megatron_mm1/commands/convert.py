@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
         "(AutoModelForImageTextToText, trust_remote_code) or, with --text-only, the LLM as a "
         "native causal LM (AutoModelForCausalLM).",
     )
-    to.add_argument("--checkpoint", required=True, help="checkpoint folder (config.yaml + model/)")
+    to.add_argument("--checkpoint", required=True, help="a checkpoint folder (config.yaml + model/), or a run folder "
+                    "or its checkpoints/ folder: the newest intact checkpoint")
     to.add_argument("--out", required=True, help="Hugging Face folder to create (must not exist)")
     to.add_argument("--text-only", action="store_true", help="export the LLM alone, no remote code")
     to.add_argument("--tokenizer", help="SentencePiece model (default: data.tokenizer of the checkpoint's config)")

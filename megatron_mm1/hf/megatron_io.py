@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -32,7 +31,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 from tqdm import tqdm
 
-from megatron_mm1.checkpoint import MANIFEST, load_checkpoint_config, model_sharded_state_dict, verify_checkpoint
+from megatron_mm1.checkpoint import intact_checkpoint, load_checkpoint_config, model_sharded_state_dict
 from megatron_mm1.config import Config, ConfigError
 from megatron_mm1.hf.mapping import group_of
 from megatron_mm1.runtime import single_process
@@ -102,19 +101,14 @@ class MegatronCheckpoint:
     """An MM1 checkpoint folder (config.yaml + model/), read group by group."""
 
     def __init__(self, ckpt: str | Path, progress: bool = False):
-        self.path = Path(ckpt)
+        # A checkpoint, or a run's newest intact one; its weights checked against the manifest
+        # that training and `mm1 convert from-hf` write (a folder put together by hand has only
+        # the structural checks below).
+        self.path = intact_checkpoint(Path(ckpt), only="model/", progress=progress)
         self.model_dir = self.path / "model"
         self.saved_cfg = load_checkpoint_config(self.path)
         if not self.model_dir.is_dir():
             raise ConfigError(f"{self.path} has no model/ folder (the weights)")
-        # Training and `mm1 convert from-hf` record every file's size and checksum; a folder put
-        # together by hand has only the structural checks below.
-        if (self.path / MANIFEST).is_file():
-            damaged = verify_checkpoint(self.path, only="model/", progress=progress)
-            if damaged:
-                raise ConfigError(f"{self.path} is damaged: {'; '.join(damaged[:3])} (`mm1 checkpoint verify` lists all)")
-        else:
-            print(f"note: {self.path} has no {MANIFEST}: its files' checksums are not checked", file=sys.stderr)
         metadata = check_shards(self.model_dir)
         self.cfg = single_process(self.saved_cfg)
         self.entries, _ = sharded_layout(self.cfg)
