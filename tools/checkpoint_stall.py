@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-# About 130M LLM parameters: checkpoints of about 1.5 GB with the optimizer state (fp32).
+# About 130M LLM parameters: checkpoints of 1.93 GiB with the optimizer state (fp32).
 WIDE = ["model.llm.hidden_size=1024", "model.llm.ffn_hidden_size=4096", "model.llm.num_layers=8",
         "model.llm.num_attention_heads=8", "model.llm.num_query_groups=4", "data.seq_length=128",
         "training.global_batch_size=2", "training.micro_batch_size=1", "training.warmup_steps=2"]
