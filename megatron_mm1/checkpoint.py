@@ -363,18 +363,26 @@ def _digest(path: Path) -> str:
     if left.is_file():
         digest = left.read_text()
         left.unlink()
-        return digest
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            return digest
     return file_sha256(path, sync=True)
 
 
 def _write_then_digest(write, *args, **kwargs) -> None:
     """A background writer (forked): megatron's write of this rank's files (args: rank, write
     buckets, results queue), then each file's SHA-256 beside it, so that publishing the
-    checkpoint does not stop training to read them again."""
+    checkpoint does not stop training to read them again. A digest that cannot be written (a
+    full disk) is left out: publishing computes it."""
     write(*args, **kwargs)
     for file_path, *_ in args[1]:
-        if os.path.isfile(file_path):
-            Path(f"{file_path}{WRITER_DIGEST}").write_text(file_sha256(Path(file_path), sync=True))
+        if not os.path.isfile(file_path):
+            continue
+        partial = Path(f"{file_path}.partial{WRITER_DIGEST}")  # the suffix keeps it out of listings
+        try:
+            partial.write_text(file_sha256(Path(file_path), sync=True))
+            os.replace(partial, f"{file_path}{WRITER_DIGEST}")
+        except OSError:
+            partial.unlink(missing_ok=True)
 
 
 def _save_manifest(path: Path, files: dict[str, dict]) -> None:
