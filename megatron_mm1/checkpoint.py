@@ -22,7 +22,7 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import yaml
@@ -57,21 +57,84 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
 
 def save_sharded(state: dict, path: Path, background: bool = False) -> AsyncRequest | None:
     """Save this rank's part of a megatron-core sharded state dict into the new
-    dist_checkpointing folder `path`. Collective over all ranks. `background`: plan the save and
-    return megatron's AsyncRequest, whose writing BackgroundSaves runs in a forked process."""
+    dist_checkpointing folder `path`. Collective over all ranks; a failure on any rank raises
+    on every rank. `background`: plan the save and return megatron's AsyncRequest, whose
+    writing BackgroundSaves runs in a forked process."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if torch.distributed.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=False)
-    torch.distributed.barrier()
+    _fail_together(functools.partial(path.mkdir, parents=True) if torch.distributed.get_rank() == 0 else None)
     # megatron's writer hands a save's results back through a queue that it takes from this
     # module global when the save is planned. Its own, made once per process, is a spawn-started
     # multiprocessing Manager, whose server imports torch (seconds per rank on the first save)
     # and which every save in flight shares. A queue per save instead: in this process for a
     # synchronous save, a pipe inherited by the forked writer for a background one.
     filesystem_async._results_queue = multiprocessing.get_context("fork").Queue() if background else queue.Queue()
-    return dist_checkpointing.save(state, str(path), async_sharded_save=background)
+    strategy = _agreeing_save_strategy()
+    request = dist_checkpointing.save(state, str(path), strategy, async_sharded_save=True)
+    *write_finalizers, megatron_format_finalizer = request.finalize_fns
+    if getattr(megatron_format_finalizer, "__name__", None) != "metadata_finalize_fn":
+        raise RuntimeError("megatron-core's dist_checkpointing.save no longer ends its finalization with "
+                           "metadata_finalize_fn: update checkpoint.save_sharded for this version")
+    request = request._replace(finalize_fns=[*write_finalizers, functools.partial(_write_format, strategy, path)])
+    if background:
+        return request
+    request.execute_sync()  # what megatron's synchronous save does, with these finalizers
+    return None
+
+
+# megatron's save lets a rank fail alone in three places: rank 0 writing common.pt, the
+# coordinator writing .metadata, rank 0 writing metadata.json. The others then wait forever in
+# its next collective (seen on a full disk with background saves). These strategies and
+# finalizers make each such failure raise on every rank (_fail_together), as megatron already
+# does for a failed shard write.
+
+
+def _agreeing_save_strategy():
+    """megatron's default save format (torch_dist) with _finalize_write; its common.pt writer
+    made to agree too, by registering it as the default (dist_checkpointing.save accepts no
+    other common strategy)."""
+    from megatron.core.dist_checkpointing.strategies.base import StrategyAction, register_default_strategy
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    class CommonSave(TorchCommonSaveStrategy):
+        def save_common(self, common_state_dict, checkpoint_dir):
+            _fail_together(functools.partial(super().save_common, common_state_dict, checkpoint_dir))
+
+    class TorchDistSave(TorchDistSaveShardedStrategy):
+        def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+            request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+            return request._replace(finalize_fns=[functools.partial(_finalize_write, *save_state_dict_ret)])
+
+    register_default_strategy(StrategyAction.SAVE_COMMON, "torch", 1, CommonSave("torch", 1))
+    return TorchDistSave("torch_dist", 1)
+
+
+def _finalize_write(storage_writer, global_metadata, dist_wrapper) -> None:
+    """megatron's save_state_dict_async_finalize: the coordinator gathers every rank's write
+    results and writes the checkpoint's .metadata, unless a write failed. Here a failure to
+    write .metadata fails the save on every rank too."""
+    from torch.distributed.checkpoint.utils import _get_failure_dict
+
+    results = dist_wrapper.gather_object(storage_writer.retrieve_write_results())
+
+    def write_metadata() -> None:
+        failed = _get_failure_dict(results)
+        if failed:
+            raise RanksFailed({rank: _one_line(error) for rank, (error, _) in failed.items()})
+        storage_writer.finish(global_metadata, results)
+
+    _fail_together(write_metadata if dist_wrapper.is_coordinator else None)
+
+
+def _write_format(strategy, path: Path) -> None:
+    """megatron's metadata_finalize_fn: rank 0 records the format in metadata.json."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig
+    from megatron.core.dist_checkpointing.core import save_config as save_format
+
+    config = CheckpointingConfig(strategy.backend, strategy.version)
+    _fail_together(functools.partial(save_format, config, str(path)) if torch.distributed.get_rank() == 0 else None)
 
 
 def save_model(model: list[torch.nn.Module], path: Path, background: bool = False) -> AsyncRequest | None:
@@ -115,7 +178,8 @@ _WRITER = re.compile(r"^__(\d+)_\d+\.distcp$|^rank(\d+)\.pt$")
 
 
 # What a failed write raises: OSError, RuntimeError from torch.save, and torch's
-# CheckpointException (a BaseException), which megatron raises on every rank when one failed.
+# CheckpointException (a BaseException), which torch's collective steps of a save raise on every
+# rank when one failed.
 SAVE_ERRORS = (Exception, CheckpointException)
 
 
@@ -193,11 +257,9 @@ def begin_save(root: Path, step: int) -> Path:
 def agree_on_errors(error: BaseException | None, step: int, tmp: Path) -> None:
     """Raise SaveFailed on every rank if a save failed on any (after removing its temporary
     folder, to give the space back); every rank calls it at the same point. Collective."""
-    reports: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(reports, None if error is None else _failures(error))
-    if all(r is None for r in reports):
+    failures = _gather_failures(error)
+    if not failures:
         return
-    failures = {rank: text for report in reports if report for rank, text in report}
     usage = shutil.disk_usage(tmp.parent)  # before the space is given back
     full = usage.free < 0.01 * usage.total or any(
         word in text for text in failures.values() for word in ("No space left", "quota"))
@@ -207,16 +269,49 @@ def agree_on_errors(error: BaseException | None, step: int, tmp: Path) -> None:
     torch.distributed.barrier()
     listed = "; ".join(f"rank {rank}: {text}" for rank, text in sorted(failures.items())[:4])
     raise SaveFailed(
-        f"saving the checkpoint of step {step} failed ({listed or 'no detail'}). "
+        f"saving the checkpoint of step {step} failed ({listed}). "
         f"{usage.free / 2**30:.2f} GiB of {usage.total / 2**30:.2f} GiB were free in {tmp.parent}"
         + (": the disk is full. Free space (or lower checkpoint.keep_last)" if full else ". Fix the cause")
         + ", then resume with --resume auto: the previous checkpoint is intact"
     )
 
 
+class RanksFailed(Exception):
+    """A part of a save failed on some ranks (rank: one line each); raised on every rank."""
+
+    def __init__(self, failures: dict[int, str]):
+        super().__init__("; ".join(f"rank {rank}: {text}" for rank, text in sorted(failures.items())))
+        self.failures = failures
+
+
+def _fail_together(write: Callable[[], object] | None) -> None:
+    """Run `write` (None: this rank has nothing to write here), then raise RanksFailed on every
+    rank if it failed on any. Collective."""
+    error = None
+    if write is not None:
+        try:
+            write()
+        except SAVE_ERRORS as e:
+            error = e
+    failures = _gather_failures(error)
+    if failures:
+        raise RanksFailed(failures)
+
+
+def _gather_failures(error: BaseException | None) -> dict[int, str]:
+    """Every rank's failures (rank: one line), on every rank; empty if none failed. Collective."""
+    reports: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reports, None if error is None else _failures(error))
+    failures = {rank: text for report in reports if report for rank, text in report}
+    return failures or {rank: "failed (no detail)" for rank, report in enumerate(reports) if report is not None}
+
+
 def _failures(error: BaseException) -> list[tuple[int, str]]:
-    """(rank, one line) for a failed write. megatron raises torch's CheckpointException on every
-    rank, holding each rank's own error on the coordinator and none elsewhere."""
+    """(rank, one line) for a failed write. RanksFailed holds every rank's failure; torch's
+    CheckpointException (from a collective step of megatron's save) holds every rank's on the
+    coordinator and none elsewhere."""
+    if isinstance(error, RanksFailed):
+        return list(error.failures.items())
     if isinstance(error, CheckpointException):
         return [(rank, _one_line(e)) for rank, (e, _) in error.failures.items()]
     return [(torch.distributed.get_rank(), _one_line(error))]

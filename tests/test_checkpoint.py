@@ -1,13 +1,21 @@
 """Checkpoint folders without a model: which rank checksums which file, the manifest and its
-check, the order --resume auto tries checkpoints in, and what `--checkpoint PATH` names.
-(tests/test_train.py damages real checkpoints of real runs.)"""
+check, the order --resume auto tries checkpoints in, and what `--checkpoint PATH` names; and a
+write that fails on one rank of a real two-process megatron-core save. (tests/test_train.py
+damages real checkpoints of real runs.)"""
 
+import contextlib
+import errno
 import os
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
-from megatron_mm1.checkpoint import (_shares, checkpoint_folders, intact_checkpoint, resume_candidates,
-                                     verify_checkpoint, write_manifest)
+from megatron_mm1.checkpoint import (BackgroundSaves, RanksFailed, SaveFailed, _shares, begin_save,
+                                     checkpoint_folders, finish_save, intact_checkpoint, resume_candidates,
+                                     save_sharded, verify_checkpoint, write_manifest)
 from megatron_mm1.config import ConfigError
 
 
@@ -80,3 +88,69 @@ def test_a_checkpoint_argument_names_one_checkpoint_or_a_runs_newest_intact_one(
         intact_checkpoint(run)
     with pytest.raises(ConfigError, match="is not an MM1 checkpoint"):
         checkpoint_folders(tmp_path / "nothing")
+
+
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(tmp_path):
+    from conftest import torchrun
+
+    proc = torchrun(2, "tests/test_checkpoint.py", str(tmp_path), timeout=300)
+    assert proc.stdout.count("FAILS_TOGETHER_OK") == 2, proc.stdout
+
+
+# Each write that megatron's save does on one rank alone, made to fail there (a full disk). The
+# other rank must not wait for it forever in megatron's next collective.
+MEGATRON = "megatron.core.dist_checkpointing"
+ONE_RANK_FAULTS = {
+    "common.pt": (0, f"{MEGATRON}.strategies.common.TorchCommonSaveStrategy.save_common"),
+    "a shard": (1, f"{MEGATRON}.strategies.filesystem_async._write_item"),
+    ".metadata": (0, f"{MEGATRON}.strategies.filesystem_async.FileSystemWriterAsync.finish"),
+    "metadata.json": (0, f"{MEGATRON}.core.save_config"),
+}
+
+
+def _tiny_state(fill: float) -> dict:
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return {"weight": ShardedTensor.from_rank_offsets("weight", torch.full((4,), fill), (0, rank, world)), "step": 7}
+
+
+def _save_as_training_does(root: Path, step: int, background: bool) -> Path:
+    tmp = begin_save(root, step)
+    rank = torch.distributed.get_rank()
+    if not background:
+        save_sharded(_tiny_state(float(rank)), tmp / "model")
+        return finish_save(root, tmp, step, keep_last=1)
+    saves = BackgroundSaves()
+    saves.start([save_sharded(_tiny_state(float(rank)), tmp / "model", background=True)], root, tmp, step, 1)
+    return saves.poll(wait=True)
+
+
+def _fail_on_one_rank_then_save(root: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    rank, step = torch.distributed.get_rank(), 0
+    for background in (False, True):
+        for where, (failing, target) in ONE_RANK_FAULTS.items():
+            step += 1
+            fault = mock.patch(target, side_effect=OSError(errno.ENOSPC, f"injected at {where}"))
+            with fault if rank == failing else contextlib.nullcontext():
+                with pytest.raises((RanksFailed, SaveFailed), match=f"rank {failing}: .*injected at {where}"):
+                    _save_as_training_does(root, step, background)
+    # The ranks are still in step: a save after all that works and loads.
+    for background in (False, True):
+        step += 1
+        saved = _save_as_training_does(root, step, background)
+        loaded = dist_checkpointing.load(_tiny_state(-1.0), str(saved / "model"))
+        assert loaded["step"] == 7 and torch.equal(loaded["weight"], torch.full((4,), float(rank)))
+    print("FAILS_TOGETHER_OK", rank, flush=True)
+
+
+if __name__ == "__main__":
+    from megatron_mm1.config import load_config
+    from megatron_mm1.runtime import init_runtime, quiet_third_party_warnings, shutdown
+
+    quiet_third_party_warnings()
+    init_runtime(load_config("tiny"))
+    _fail_on_one_rank_then_save(Path(sys.argv[1]))
+    shutdown()
