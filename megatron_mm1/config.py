@@ -222,6 +222,11 @@ class DataConfig:
     chat_weight: float = 100.0  # relative too: a chat-only fine-tuning set needs no setting
     seed: Optional[int] = None  # data order seed; None: training.seed
     num_workers: int = 2  # image-decoding worker processes per loader (0: in the calling process)
+    # Validation data (training.eval_interval), one of: a prepared folder, each kind it holds
+    # weighted as in training; or this fraction of every training dataset, held out (the same
+    # samples whatever the seed or the folder's location) and never trained on.
+    valid_path: Optional[str] = None
+    valid_fraction: float = 0.0
 
 
 @dataclass
@@ -260,6 +265,11 @@ class TrainingConfig:
     # Save and stop (exit 75, to be resumed) after this many steps in this process; for
     # allocations shorter than the run.
     exit_after_steps: Optional[int] = None
+    # With validation data (data.valid_path or data.valid_fraction): the validation loss of
+    # each kind over eval_iters global batches, every eval_interval steps, at the last step and
+    # before the first step of a new run. The batches are the same every time.
+    eval_interval: int = 1000
+    eval_iters: int = 10
 
 
 @dataclass
@@ -725,6 +735,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.hang_timeout_s > 0, "training.hang_timeout_s must be > 0 (seconds)", errors)
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be between 0 and 1", errors)
     _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1", errors)
+    d = cfg.data
+    _check(0 <= d.valid_fraction < 1, "data.valid_fraction must be >= 0 and < 1 (0: none held out)", errors)
+    _check(
+        not (d.valid_path and d.valid_fraction),
+        "data.valid_path and data.valid_fraction both name validation data: set one of them",
+        errors,
+    )
+    _check(t.eval_interval >= 1, "training.eval_interval must be >= 1 (steps)", errors)
+    _check(t.eval_iters >= 1, "training.eval_iters must be >= 1 (global batches per kind)", errors)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

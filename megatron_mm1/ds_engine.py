@@ -161,6 +161,12 @@ def _is_placeholder(tensor: torch.Tensor) -> bool:
     return tensor.numel() > 1 and all(stride == 0 for stride in tensor.stride())
 
 
+def _loss(engine, batch: dict):
+    """The micro-batch's loss and metrics (loss_func)."""
+    mask = attention_mask_from_segments(batch["segment_ids"])
+    return loss_func(batch["loss_mask"], engine(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]))
+
+
 class DeepSpeedEngine(Engine):
     """One model (PP=1) under a DeepSpeed ZeRO engine.
 
@@ -207,14 +213,22 @@ class DeepSpeedEngine(Engine):
         engine = self.engine
         losses = []
         for i, batch in enumerate(microbatches):
-            mask = attention_mask_from_segments(batch["segment_ids"])
-            output = engine(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
-            loss, metrics = loss_func(batch["loss_mask"], output)
+            loss, metrics = _loss(engine, batch)
             engine.backward(loss)  # scaled by 1/num_microbatches, averaged over DP
             if i < len(microbatches) - 1:
                 engine.step()
             losses.append(metrics)
         return reduce_metrics(losses, self.cfg, self.num_microbatches)
+
+    def evaluate(self, microbatches: list[dict]) -> float:
+        engine = self.engine
+        engine.eval()
+        try:
+            with torch.no_grad():
+                losses = [_loss(engine, batch)[1] for batch in microbatches]
+        finally:
+            engine.train()
+        return reduce_metrics(losses, self.cfg, self.num_microbatches, training=False)["lm_loss"]
 
     def optimizer_step(self, metrics: dict) -> dict:
         """DeepSpeed's step at the accumulation boundary. DeepSpeed checks the reduced gradients

@@ -69,8 +69,8 @@ def forward_backward(
     """Run one global step's micro-batches (this DP rank's share) through the pipeline.
 
     Returns the micro-batch-averaged metrics, averaged over data-parallel ranks and present on
-    every rank. Gradients end in each parameter's `main_grad`, reduced across DP. The
-    micro-batches are on the device.
+    every rank. Gradients end in each parameter's `main_grad`, reduced across DP; none with
+    `forward_only` (the language-model loss alone then). The micro-batches are on the device.
     """
     # Each virtual pipeline chunk reads the micro-batches through its own iterator.
     iterators = [iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches)
@@ -86,7 +86,7 @@ def forward_backward(
         micro_batch_size=cfg.training.micro_batch_size,
         forward_only=forward_only,
     )
-    return reduce_metrics(losses, cfg, num_microbatches)
+    return reduce_metrics(losses, cfg, num_microbatches, training=not forward_only)
 
 
 def grads_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
@@ -225,6 +225,24 @@ class MegatronEngine(Engine):
         # as the forward reaches them (megatron's forward pre-hooks), not in optimizer_step.
         self.optimizer.zero_grad()
         return forward_backward(self.model, microbatches, self.cfg, self.num_microbatches)
+
+    def evaluate(self, microbatches: list[dict]) -> float:
+        # As Megatron-LM evaluates: the updated parameters gathered first (overlap_param_gather
+        # defers that to the next forward's hooks, which are off meanwhile).
+        hooked = [chunk for chunk in self.model if chunk.use_forward_hook]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                metrics = forward_backward(self.model, microbatches, self.cfg, self.num_microbatches, forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
+        return metrics["lm_loss"]
 
     def optimizer_step(self, metrics: dict) -> dict:
         if not _all_finite(metrics["loss"], self.model):

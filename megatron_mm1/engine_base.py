@@ -34,6 +34,11 @@ class Engine(abc.ABC):
         """Forward and backward of the step's micro-batches; their metrics (reduce_metrics)."""
 
     @abc.abstractmethod
+    def evaluate(self, microbatches: list[dict]) -> float:
+        """The language-model loss of the step's micro-batches (forward only, dropout off),
+        averaged over micro-batches and data-parallel ranks; the same on every rank."""
+
+    @abc.abstractmethod
     def optimizer_step(self, metrics: dict) -> dict:
         """The update, skipped when any loss or gradient is NaN/Inf; `metrics` plus `skipped`,
         `grad_norm` and `lr`."""
@@ -87,10 +92,10 @@ def loss_func(loss_mask: torch.Tensor, output):
     return loss, metrics
 
 
-def reduce_metrics(losses: list[dict], cfg: Config, num_microbatches: int) -> dict[str, float]:
+def reduce_metrics(losses: list[dict], cfg: Config, num_microbatches: int, training: bool = True) -> dict[str, float]:
     """Average the last stage's per-micro-batch metrics over micro-batches and DP ranks, and
-    share them with every rank."""
-    names = ["lm_loss", "logits_z_loss"] if cfg.model.logits_z_loss_coeff else ["lm_loss"]
+    share them with every rank. Not `training`: the language-model loss alone."""
+    names = ["lm_loss", "logits_z_loss"] if cfg.model.logits_z_loss_coeff and training else ["lm_loss"]
     values = torch.zeros(len(names), dtype=torch.float64, device=device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
         per_microbatch = torch.stack([torch.stack([d[n].double() for n in names]) for d in losses])
@@ -100,7 +105,7 @@ def reduce_metrics(losses: list[dict], cfg: Config, num_microbatches: int) -> di
     torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
     out = dict(zip(names, values.tolist()))
     out["loss"] = sum(out.values())
-    if cfg.model.moe.num_experts:
+    if cfg.model.moe.num_experts and training:
         out.update(_moe_losses(cfg, num_microbatches))
     return out
 

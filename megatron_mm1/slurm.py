@@ -147,6 +147,8 @@ def check(config: str, world_size: int, data: Path | None, steps: int | None, se
         raise ConfigError("no training data: give --data DIR (or set data.path in the config)")
     if not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={cfg.data.path}: no such folder")
+    if cfg.data.valid_path and not Path(cfg.data.valid_path).is_dir():
+        raise ConfigError(f"data.valid_path={cfg.data.valid_path}: no such folder (a prepared data folder)")
     if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).is_file():
         raise ConfigError(
             f"data.tokenizer={cfg.data.tokenizer}: no tokenizer file (the data folder's "

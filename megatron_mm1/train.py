@@ -124,6 +124,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         from megatron_mm1.data import build_loader
+        from megatron_mm1.data.loader import ValidationData
         from megatron_mm1.engine_base import build_engine
         from megatron_mm1.runtime import init_runtime
 
@@ -142,10 +143,11 @@ class Trainer:
         # rank's share and hands it to its TP peers; only the first stage decodes images.
         self.loader = None
         self.writes_data_state = False
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         if parallel_state.get_tensor_model_parallel_rank() == 0:
-            first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
             self.loader = build_loader(cfg, self.dp_rank, self.dp, images=first)
             self.writes_data_state = first
+        self.validation = ValidationData(cfg, self.dp_rank, self.dp, images=first)  # read where self.loader is
         self.background_saves = ckpt.BackgroundSaves() if cfg.checkpoint.async_save else None
         self.step = 0
         self.counters = {"skipped_steps": 0, "consecutive_nonfinite": 0, "tokens": 0, "images": 0,
@@ -363,6 +365,11 @@ class Trainer:
 
     def _loop(self, loader, logger, bar, watchdog: HangWatchdog, first_step: int, interactive: bool) -> int:
         t = self.cfg.training
+        if self.step == 0 and self.validation:  # the starting point's loss, to compare against
+            row = {"step": 0, **self._validate()}
+            watchdog.beat(0)
+            if logger:
+                logger.log(row)
         while self.step < t.steps:
             start = time.perf_counter()
             batches, counts = next_microbatches(self.cfg, loader, self.num_microbatches)
@@ -370,6 +377,9 @@ class Trainer:
             self.step += 1
             watchdog.beat(self.step)
             row = self._record(metrics, counts, time.perf_counter() - start)
+            if self.validation and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                row.update(self._validate())
+                watchdog.beat(self.step)
             stop = self._stop_reason(first_step)
             if stop is None:
                 row["checkpoint_s"] = self._checkpoint()
@@ -388,6 +398,24 @@ class Trainer:
                 code, why = stop
                 return self._exit(code, why(self.save()))
         return self._exit(0, f"done: {self.step} steps; checkpoints in {self.root}; metrics in {self.out / 'metrics.jsonl'}")
+
+    def _validate(self) -> dict:
+        """valid_loss_<kind> over the kind's eval_iters global batches, for each kind with
+        validation data, and valid_loss: their mean weighted by the training mixture's kind
+        weights. The batches are read where the training batches are. Collective."""
+        start = time.perf_counter()
+        row = {}
+        for kind in self.validation.kinds:
+            batches = self.validation.batches(kind) if self.loader is not None else None
+            losses = [self.engine.evaluate(next_microbatches(self.cfg, batches, self.num_microbatches)[0])
+                      for _ in range(self.cfg.training.eval_iters)]
+            row[f"valid_loss_{kind}"] = sum(losses) / len(losses)
+        weights = self.validation.weights
+        row["valid_loss"] = sum(w * row[f"valid_loss_{k}"] for k, w in weights.items()) / sum(weights.values())
+        row["valid_s"] = time.perf_counter() - start
+        per_kind = ", ".join(f"{k} {row[f'valid_loss_{k}']:.4f}" for k in self.validation.kinds)
+        self._log_line(f"step {self.step} valid_loss {row['valid_loss']:.4f} ({per_kind})")
+        return row
 
     def _stop_reason(self, first_step: int):
         """(exit code, message for the saved checkpoint) when the run stops at this step, else
@@ -488,30 +516,34 @@ def _count(counts: list[float]) -> tuple[int, int, float, int]:
 
 
 class MetricsLogger:
-    """metrics.jsonl rows and the same scalars as tensorboard events under out/tensorboard. A run
-    resumed at `step` drops the rows logged after it (they are trained again), so that each step
-    has one row."""
+    """metrics.jsonl rows and the same scalars as tensorboard events under out/tensorboard
+    (train/<key>, and valid/<key> for valid_<key>). A run resumed at `step` drops the rows
+    logged after it (they are trained again), so that each step has one row; a run starting at
+    step 0 drops them all (its step-0 validation is redone)."""
 
     def __init__(self, out: Path, cfg: Config, step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         path = out / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if step and json.loads(line)["step"] <= step]
             (out / "metrics.jsonl.tmp").write_text("".join(kept))
             os.replace(out / "metrics.jsonl.tmp", path)
         self.file = open(path, "a")
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else 0)
         self.interval = cfg.training.log_interval
 
     def log(self, row: dict) -> None:
-        if row["step"] % self.interval:
+        """Write a row at every log_interval steps, and every row with a validation loss."""
+        if row["step"] % self.interval and "valid_loss" not in row:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"train/{key}", value, row["step"])
+                tag = f"valid/{key.removeprefix('valid_')}" if key.startswith("valid_") else f"train/{key}"
+                self.writer.add_scalar(tag, value, row["step"])
 
     def close(self) -> None:
         self.file.close()

@@ -1,19 +1,20 @@
-"""The loader: exact resumption, data-parallel shares, determinism and the mixture."""
+"""The loader: exact resumption, data-parallel shares, determinism, the mixture and the validation data."""
 
 import itertools
 import json
+import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from megatron_mm1.config import load_config
+from megatron_mm1.config import ConfigError, load_config, validate
 from megatron_mm1.data import formats
 from megatron_mm1.data.demo import make_demo
-from megatron_mm1.data.formats import DataError
-from megatron_mm1.data.loader import build_loader
-from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config
+from megatron_mm1.data.formats import DataError, ShardedDataset
+from megatron_mm1.data.loader import ValidationData, build_loader
+from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config, hold_out
 from megatron_mm1.data.prepare import prepare
 
 
@@ -202,3 +203,48 @@ def test_text_only_loader_matches_and_decodes_nothing(demo):
         assert b["images"] is None
         for key in ("tokens", "labels", "loss_mask", "segment_ids", "position_ids", "num_images"):
             assert torch.equal(a[key], b[key])
+
+
+def test_held_out_samples_are_disjoint_from_training_and_independent_of_seed_and_location(demo, tmp_path):
+    cfg = config(demo, "data.valid_fraction=0.2")
+    training, _ = datasets_from_config(cfg.data)
+    valid = ValidationData(cfg)
+    assert valid.kinds == ["interleaved", "caption", "text"]
+    assert valid.weights == pytest.approx({"interleaved": 0.45, "caption": 0.45, "text": 0.10})
+    for train_share, (held, _) in zip(training, (pair for kind in valid.kinds for pair in valid.per_kind[kind])):
+        n = len(train_share.dataset)
+        assert len(held) == int(np.ceil(0.2 * n)) and len(train_share) + len(held) == n
+        assert set(train_share.indices.tolist()).isdisjoint(held.indices.tolist())
+        # The training loader reads only the training share: every sample it draws is one of it.
+        sampler = MixtureSampler([len(train_share)], [1.0], seed=3, dp_rank=0, dp_size=1)
+        drawn = {int(train_share.indices[sampler.next()[1]]) for _ in range(3 * len(train_share))}
+        assert drawn == set(train_share.indices.tolist())
+    # Another seed changes the training order, not the held-out samples; nor does moving the data.
+    shutil.copytree(demo, tmp_path / "moved")
+    for kind in ("caption", "text"):
+        here = hold_out(ShardedDataset(demo, kind), 0.2)[1].indices
+        assert np.array_equal(here, hold_out(ShardedDataset(tmp_path / "moved", kind), 0.2)[1].indices)
+    reseeded = ValidationData(config(demo, "data.valid_fraction=0.2", "data.seed=99", "training.seed=7"))
+    assert all(np.array_equal(a.indices, b.indices) for kind in valid.kinds
+               for (a, _), (b, _) in zip(valid.per_kind[kind], reseeded.per_kind[kind]))
+
+
+def test_validation_batches_are_the_same_every_time_and_at_every_data_parallel_size(demo):
+    cfg = config(demo, "data.valid_fraction=0.2", "training.eval_iters=2")
+    whole = ValidationData(cfg)
+    first, again = (list(whole.batches("interleaved")) for _ in range(2))
+    assert len(first) == 2 * 8 // 2  # eval_iters global batches of 8 rows, 2 per micro-batch
+    assert_same_batches(first, again)
+    # DP rank r of 2 gets micro-batches r, r + 2, ...: together the same set as one rank.
+    shares = [list(ValidationData(cfg, rank, 2).batches("interleaved")) for rank in range(2)]
+    assert_same_batches([b for pair in zip(*shares) for b in pair], first)
+
+
+def test_validation_data_errors_are_clear(demo, tmp_path):
+    with pytest.raises(ConfigError, match="data.valid_path and data.valid_fraction both"):
+        validate(config(demo, "data.valid_fraction=0.1", f"data.valid_path={demo}"))
+    with pytest.raises(ConfigError, match="data.valid_fraction must be >= 0 and < 1"):
+        validate(config(demo, "data.valid_fraction=1.0"))
+    only_text = config(demo, f"data.valid_path={demo}", "data.interleaved_weight=0", "data.caption_weight=0")
+    assert ValidationData(only_text).kinds == ["text"]
+    assert not ValidationData(config(demo))  # no validation data: no evaluation

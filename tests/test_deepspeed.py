@@ -10,13 +10,15 @@ import sys
 
 import pytest
 from conftest import run
-from test_train import data, losses, rows, train  # noqa: F401 (data is a fixture)
+from test_train import data, losses, rows, train, valid_losses  # noqa: F401 (data is a fixture)
 
 from megatron_mm1.config import ConfigError, load_config
 from megatron_mm1.ds_engine import read_deepspeed_config
 
 STEPS = 4
 TP2 = ["parallel.tensor_model_parallel_size=2"]
+# Validation on 10% held out, before step 1 and after steps 2 and 4.
+VALID = ["data.valid_fraction=0.1", "training.eval_interval=2", "training.eval_iters=1"]
 
 
 def zero(name: str) -> list[str]:
@@ -28,19 +30,26 @@ def assert_close(a: dict, b: dict, steps) -> None:
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=0), (step, a, b)
 
 
+def assert_same_validation(a, b) -> None:
+    assert list(valid_losses(a)) == list(valid_losses(b)) == [0, 2, 4]
+    for step, row in valid_losses(a).items():
+        assert row == pytest.approx(valid_losses(b)[step], rel=1e-5, abs=0), step
+
+
 @pytest.fixture(scope="module")
 def megatron_run(data, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("megatron")
-    train(data, out, STEPS, 2)
+    train(data, out, STEPS, 2, VALID)
     return out
 
 
 # ZeRO-2 is compared in the resume test, ZeRO-3 without offload at TP2 x DP2 below.
 @pytest.mark.parametrize("name", ["zero1", "zero3-offload"])
 def test_zero_matches_megatron(data, tmp_path, megatron_run, name):  # noqa: F811
-    train(data, tmp_path, STEPS, 2, zero(name))
+    train(data, tmp_path, STEPS, 2, [*zero(name), *VALID])
     reference = losses(megatron_run)
     assert_close(losses(tmp_path), reference, range(1, STEPS + 1))
+    assert_same_validation(tmp_path, megatron_run)
     assert reference[STEPS] < reference[1]
     row = rows(tmp_path)[-1]
     assert row["grad_norm"] == pytest.approx(rows(megatron_run)[-1]["grad_norm"], rel=1e-4)
@@ -48,17 +57,20 @@ def test_zero_matches_megatron(data, tmp_path, megatron_run, name):  # noqa: F81
 
 
 def test_zero2_exact_resume_matches_megatron(data, tmp_path, megatron_run):  # noqa: F811
-    train(data, tmp_path / "whole", STEPS, 2, zero("zero2"))
+    train(data, tmp_path / "whole", STEPS, 2, [*zero("zero2"), *VALID])
     assert_close(losses(tmp_path / "whole"), losses(megatron_run), range(1, STEPS + 1))
+    assert_same_validation(tmp_path / "whole", megatron_run)
     split = tmp_path / "split"
-    train(data, split, STEPS, 2, [*zero("zero2"), "training.exit_after_steps=2"], expect=75)
-    assert [r["step"] for r in rows(split)] == [1, 2]
+    train(data, split, STEPS, 2, [*zero("zero2"), *VALID, "training.exit_after_steps=2"], expect=75)
+    assert list(losses(split)) == [1, 2]
     ckpt = split / "checkpoints" / "step_0000002"
     assert (ckpt / "deepspeed" / "latest").is_file() and (ckpt / "model" / "metadata.json").is_file()
-    train(data, split, STEPS, 2, zero("zero2"), resume="auto")
+    train(data, split, STEPS, 2, [*zero("zero2"), *VALID], resume="auto")
     assert losses(split) == losses(tmp_path / "whole")  # bit-identical, not merely close
+    assert valid_losses(split) == valid_losses(tmp_path / "whole")
     # ZeRO-2's optimizer partitions do not load under ZeRO-1: a clear refusal.
-    proc = mm1_train(data, tmp_path / "other", [*zero("zero1"), f"training.steps={STEPS}", "training.warmup_steps=2"],
+    proc = mm1_train(data, tmp_path / "other", [*zero("zero1"), *VALID, f"training.steps={STEPS}",
+                                                "training.warmup_steps=2"],
                      resume=str(ckpt))  # the run's schedule: the ZeRO stage is what differs
     assert proc.returncode != 0 and "checkpoint.load_optimizer=false" in proc.stderr, proc.stderr[-2000:]
     assert "'zero_stage': 2" in proc.stderr

@@ -53,7 +53,11 @@ def rows(out):
 
 
 def losses(out):
-    return {r["step"]: r["loss"] for r in rows(out)}
+    return {r["step"]: r["loss"] for r in rows(out) if "loss" in r}  # not the step-0 validation row
+
+
+def valid_losses(out):
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("valid_loss")} for r in rows(out) if "valid_loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +72,9 @@ def check_exact_resume(data, whole, split, config, nproc, layout, first_half=())
     """Stop after step 2 (as a requeued job does), resume: the same 4 losses, bit for bit. The
     first half's output."""
     proc = train(data, split, 4, nproc, [*layout, "training.exit_after_steps=2", *first_half], config, expect=75)
-    assert [r["step"] for r in rows(split)] == [1, 2]
+    assert list(losses(split)) == [1, 2]
     train(data, split, 4, nproc, layout, config, resume="auto")
-    assert [r["step"] for r in rows(split)] == [1, 2, 3, 4]
+    assert list(losses(split)) == [1, 2, 3, 4]
     assert losses(split) == losses(whole)  # bit-identical, not merely close
     assert losses(whole)[4] < losses(whole)[1]
     return proc.stdout + proc.stderr
@@ -90,9 +94,26 @@ def test_exact_resume_dense_tp2pp2(data, tmp_path, dense_tp2pp2_run):
     assert not list((split / "checkpoints").rglob("*.sha256"))
 
 
-def test_exact_resume_moe_pp2_vpp2_ep2(data, tmp_path):
-    train(data, tmp_path / "whole", 4, 4, PP2VPP2EP2, "tiny-moe")
-    check_exact_resume(data, tmp_path / "whole", tmp_path / "split", "tiny-moe", 4, PP2VPP2EP2)
+def test_exact_resume_moe_pp2_vpp2_ep2_and_the_validation_loss_at_other_layouts(data, tmp_path):
+    # Validation on 10% held out: the uninterrupted run evaluates before step 1 and after step 4
+    # only, the split run also after steps 1, 2 and 3 (forward-only through the interleaved
+    # pipeline schedule, experts in parallel). Training's losses stay bit-identical, and so do
+    # the validation losses they share.
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    valid = ["data.valid_fraction=0.1", "training.eval_iters=1"]
+    train(data, whole, 4, 4, [*PP2VPP2EP2, *valid, "training.eval_interval=100"], "tiny-moe")
+    check_exact_resume(data, whole, split, "tiny-moe", 4, [*PP2VPP2EP2, *valid, "training.eval_interval=1"])
+    assert list(valid_losses(whole)) == [0, 4] and list(valid_losses(split)) == [0, 1, 2, 3, 4]
+    for step in (0, 4):
+        assert valid_losses(split)[step] == valid_losses(whole)[step]
+    assert set(valid_losses(whole)[4]) == {"valid_loss", "valid_loss_interleaved", "valid_loss_caption", "valid_loss_text"}
+    # The same weights evaluated in one process and at TP2 (a fine-tuning run's step-0
+    # validation): the same losses, up to float32 summation order.
+    final = whole / "checkpoints" / "step_0000004"
+    for nproc, layout in [(1, []), (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"])]:
+        out = tmp_path / f"tp{nproc}"
+        train(data, out, 1, nproc, [*layout, *valid, f"checkpoint.finetune_from={final}"], "tiny-moe")
+        assert valid_losses(out)[0] == pytest.approx(valid_losses(whole)[4], rel=1e-5)
 
 
 def test_resume_at_another_layout(data, tmp_path):

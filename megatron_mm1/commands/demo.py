@@ -16,6 +16,10 @@ DEMO_SETTINGS = [
     "parallel.sequence_parallel=true",
     "training.warmup_steps=10",
     "checkpoint.save_interval=20",
+    # 5% of the corpus held out: its loss before training, every 20 steps and at the end.
+    "data.valid_fraction=0.05",
+    "training.eval_interval=20",
+    "training.eval_iters=2",
 ]
 
 
@@ -41,10 +45,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"mm1 demo: training exited with code {code}", file=sys.stderr)
         return code
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / min(5, len(rows))
+    steps = [r for r in rows if "loss" in r]
+    valid = [r for r in rows if "valid_loss" in r]
+    first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-5:]) / min(5, len(steps))
     print(
         f"\ndone in {time.time() - start:.0f}s: loss {first:.3f} at step 1 -> {last:.3f} "
         f"(mean of the last 5 steps), {100 * (first - last) / first:.0f}% lower\n"
+        f"  validation loss (held-out 5%): {valid[0]['valid_loss']:.3f} before training -> "
+        f"{valid[-1]['valid_loss']:.3f} at step {valid[-1]['step']}\n"
         f"  metrics:      {out / 'metrics.jsonl'}\n"
         f"  tensorboard:  tensorboard --logdir {out / 'tensorboard'}\n"
         f"  checkpoints:  {out / 'checkpoints'} (newest: {(out / 'checkpoints' / 'latest').read_text().strip()})\n"

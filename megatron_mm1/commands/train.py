@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps({"world_size": world_size, "config": config_to_dict(cfg)}, indent=1))
         return 0
+    from megatron_mm1.data.mixture import datasets_from_config, validation_datasets
+
+    datasets_from_config(cfg.data)  # the training and validation data's manifests, before any process starts
+    validation_datasets(cfg.data)
     set_cuda_environment(cfg)  # before the fit check below queries the GPU
     if env.rank == 0:  # under torchrun or srun every process runs this: warn once
         warn_if_layout_does_not_fit(cfg, world_size, env.local_rank)

@@ -16,9 +16,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_mm1.data.formats import DataError, read_member
+from megatron_mm1.data.formats import KINDS, DataError, read_member
 from megatron_mm1.data.images import ImageRejected, load_image, preprocess
-from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config
+from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config, validation_datasets
 from megatron_mm1.data.packing import Packer, encode_sample, row_arrays
 from megatron_mm1.data.tokenizer import load_tokenizer
 
@@ -28,19 +28,18 @@ STATE_VERSION = 1
 class _Planner:
     """Yields micro-batch plans: the token arrays, the image references, and the state after them."""
 
-    def __init__(self, loader: "MultimodalLoader"):
-        self.loader = loader
-        self.mixture = MixtureSampler([len(d) for d in loader.datasets], loader.probs, loader.seed,
-                                      loader.dp_rank, loader.dp_size, [d.name for d in loader.datasets])
-        m = loader.cfg.model
-        self.packer = Packer(lambda: list(self.mixture.next()), self._load, loader.seq_length,
+    def __init__(self, cfg, datasets: list, probs: list[float], seed: int, dp_rank: int, dp_size: int, tokenizer):
+        self.cfg, self.datasets, self.tokenizer = cfg, datasets, tokenizer
+        self.mixture = MixtureSampler([len(d) for d in datasets], probs, seed, dp_rank, dp_size,
+                                      [d.name for d in datasets])
+        m = cfg.model
+        self.packer = Packer(lambda: list(self.mixture.next()), self._load, cfg.data.seq_length,
                              m.max_images_per_sequence, m.connector.num_image_tokens)
         self.batches = 0
 
     def _load(self, ref: list[int]):
         d, index = ref
-        return encode_sample(self.loader.datasets[d][index], self.loader.tokenizer,
-                             self.loader.cfg.model.connector.num_image_tokens)
+        return encode_sample(self.datasets[d][index], self.tokenizer, self.cfg.model.connector.num_image_tokens)
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "mixture": self.mixture.state_dict(), "pending": self.packer.state_dict()}
@@ -51,10 +50,11 @@ class _Planner:
         self.packer.load_state_dict(state["pending"])
 
     def __iter__(self) -> Iterator[dict]:
-        image_token_id = self.loader.cfg.model.image_token_id
+        image_token_id = self.cfg.model.image_token_id
+        seq_length = self.cfg.data.seq_length
         while True:
-            rows = [self.packer.next_row() for _ in range(self.loader.micro_batch_size)]
-            per_row = [row_arrays(r, self.loader.seq_length, image_token_id) for r in rows]
+            rows = [self.packer.next_row() for _ in range(self.cfg.training.micro_batch_size)]
+            per_row = [row_arrays(r, seq_length, image_token_id) for r in rows]
             plan: dict[str, Any] = {k: np.stack([a[k] for a in per_row]) for k in per_row[0]}
             plan["num_images"] = np.asarray([sum(len(c.images) for c in r) for r in rows], dtype=np.int64)
             plan["image_refs"] = [img for r in rows for c in r for img in c.images]
@@ -101,6 +101,18 @@ def _identity(x):
     return x
 
 
+def _decoded(plans, cfg, images: bool, num_workers: int, generator: Optional[torch.Generator] = None):
+    """The plans' batches, their images decoded in `num_workers` worker processes (in order)."""
+    v = cfg.model.vision
+    pixels = _Pixels(v.image_size, v.arch, decode=images)
+    if num_workers == 0 or not images:
+        return map(pixels.__getitem__, plans)
+    # Pinned batches copy to the GPU asynchronously (device.to_device).
+    return torch.utils.data.DataLoader(pixels, sampler=plans, batch_size=None, collate_fn=_identity,
+                                       num_workers=num_workers, prefetch_factor=2,
+                                       pin_memory=torch.cuda.is_available(), generator=generator)
+
+
 class MultimodalLoader:
     """An endless iterator of micro-batches for one data-parallel rank (see packing.py for the contract).
 
@@ -121,7 +133,10 @@ class MultimodalLoader:
         self.seq_length, self.micro_batch_size = cfg.data.seq_length, cfg.training.micro_batch_size
         self.datasets, self.probs = datasets_from_config(cfg.data)
         self.tokenizer = load_tokenizer(cfg)
-        self._state = _Planner(self).state_dict()  # also checks the datasets against dp_size
+        self._state = self._planner().state_dict()  # also checks the datasets against dp_size
+
+    def _planner(self) -> _Planner:
+        return _Planner(self.cfg, self.datasets, self.probs, self.seed, self.dp_rank, self.dp_size, self.tokenizer)
 
     def _layout(self) -> dict:
         return {"version": STATE_VERSION, "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
@@ -137,23 +152,14 @@ class MultimodalLoader:
             diff = {k: (saved[k], v) for k, v in self._layout().items() if saved[k] != v}
             raise DataError(f"cannot resume the data loader: (saved, current) differ in {diff}; "
                             "resume with the same data configuration, seed and data-parallel layout")
-        planner = _Planner(self)
+        planner = self._planner()
         planner.load_state_dict(state)  # validates it before we accept it
         self._state = planner.state_dict()
 
     def __iter__(self) -> Iterator[dict]:
-        planner = _Planner(self)
+        planner = self._planner()
         planner.load_state_dict(self._state)
-        v = self.cfg.model.vision
-        pixels = _Pixels(v.image_size, v.arch, decode=self.images)
-        if self.num_workers == 0 or not self.images:
-            batches = map(pixels.__getitem__, planner)
-        else:
-            # Pinned batches copy to the GPU asynchronously (device.to_device).
-            batches = torch.utils.data.DataLoader(pixels, sampler=planner, batch_size=None, collate_fn=_identity,
-                                                  num_workers=self.num_workers, prefetch_factor=2,
-                                                  pin_memory=torch.cuda.is_available())
-        for batch in batches:
+        for batch in _decoded(planner, self.cfg, self.images, self.num_workers):
             self._state = batch.pop("state")
             yield batch
 
@@ -169,3 +175,47 @@ def build_loader(cfg, dp_rank: int = 0, dp_size: int = 1, seed: Optional[int] = 
     `images` is None; the token arrays are the same.
     """
     return MultimodalLoader(cfg, dp_rank, dp_size, seed, num_workers, images)
+
+
+# The validation batches' own seed: the same batches whatever training.seed or data.seed.
+VALIDATION_SEED = 0
+
+
+class ValidationData:
+    """The validation micro-batches of each kind for one data-parallel rank: the first
+    eval_iters global batches packed from that kind's validation datasets (mixed by their
+    weights), the same at every evaluation and, as a set, at every layout (micro-batch i of a
+    global batch goes to DP rank i % dp_size). `kinds` and `weights` (each kind's share of the
+    training mixture) are known on every rank; batches are read only where iterated.
+    """
+
+    def __init__(self, cfg, dp_rank: int = 0, dp_size: int = 1, images: bool = True):
+        self.cfg, self.dp_rank, self.dp_size, self.images = cfg, dp_rank, dp_size, images
+        datasets, probs = validation_datasets(cfg.data)
+        self.kinds = [k for k in KINDS if any(d.kind == k for d in datasets)]
+        self.per_kind = {k: [(d, p) for d, p in zip(datasets, probs) if d.kind == k] for k in self.kinds}
+        self.weights = {k: sum(p for _, p in self.per_kind[k]) for k in self.kinds}
+        self._plans: dict[str, list[dict]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.kinds)
+
+    def _plan(self, kind: str) -> list[dict]:
+        """This rank's share of the kind's micro-batch plans (packed once, kept)."""
+        if kind not in self._plans:
+            t = self.cfg.training
+            per_global = t.global_batch_size // t.micro_batch_size
+            datasets = [d for d, _ in self.per_kind[kind]]
+            probs = [p / self.weights[kind] for _, p in self.per_kind[kind]]
+            planner = iter(_Planner(self.cfg, datasets, probs, VALIDATION_SEED, 0, 1, load_tokenizer(self.cfg)))
+            plans = [next(planner) for _ in range(t.eval_iters * per_global)]
+            self._plans[kind] = [plan for i, plan in enumerate(plans) if i % self.dp_size == self.dp_rank]
+        return self._plans[kind]
+
+    def batches(self, kind: str) -> Iterator[dict]:
+        """The kind's micro-batches for this rank, images decoded. A fixed generator: the
+        loader's workers take no draw from the global RNG, which training's RNG state owns."""
+        for batch in _decoded(self._plan(kind), self.cfg, self.images, self.cfg.data.num_workers,
+                              generator=torch.Generator().manual_seed(VALIDATION_SEED)):
+            batch.pop("state")
+            yield batch

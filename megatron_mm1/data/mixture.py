@@ -8,25 +8,64 @@ makes resumption exact and cheap.
 
 from __future__ import annotations
 
+import functools
+import math
+import zlib
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from megatron_mm1.data.formats import KINDS, DataError, ShardedDataset, load_manifest
 
-_DRAW, _ORDER = 0, 1  # seed-sequence tags, so the two streams never share a seed
+_DRAW, _ORDER, _HOLD_OUT = 0, 1, 2  # seed-sequence tags, so the streams never share a seed
 
 
-def datasets_from_config(data_cfg) -> tuple[list[ShardedDataset], list[float]]:
-    """The datasets named by cfg.data and each one's sampling probability.
+def datasets_from_config(data_cfg) -> tuple[list, list[float]]:
+    """The training datasets named by cfg.data and each one's sampling probability.
 
-    Kind weights (interleaved/caption/text_weight) are split among that kind's datasets in
-    proportion to their own weights, then renormalised over the kinds that have data.
+    Kind weights (interleaved/caption/text/chat_weight) are split among that kind's datasets in
+    proportion to their own weights, then renormalised over the kinds that have data. With
+    data.valid_fraction each dataset is its training share (hold_out).
     """
+    datasets, probs = _training_corpus(data_cfg)
+    if data_cfg.valid_fraction:
+        datasets = [hold_out(d, data_cfg.valid_fraction)[0] for d in datasets]
+    return datasets, probs
+
+
+def _training_corpus(data_cfg) -> tuple[list[ShardedDataset], list[float]]:
+    """The datasets data.path and the per-kind folders name, whole, and their probabilities."""
     per_kind: dict[str, dict[str, float]] = {k: dict(getattr(data_cfg, k)) for k in KINDS}
     if data_cfg.path:
         for kind in load_manifest(data_cfg.path)["kinds"]:
             per_kind[kind].setdefault(data_cfg.path, 1.0)
+    datasets, probs = _weighted(per_kind, data_cfg)
+    if not datasets:
+        raise DataError("no training data: set data.path or data.interleaved/caption/text to prepared folders "
+                        "(see `mm1 data prepare`)")
+    return datasets, probs
+
+
+def validation_datasets(data_cfg) -> tuple[list, list[float]]:
+    """The validation datasets (data.valid_path's kinds, or every training dataset's held-out
+    share) and their probabilities, weighted as in training; ([], []) without validation data."""
+    if data_cfg.valid_path:
+        per_kind: dict[str, dict[str, float]] = {k: {} for k in KINDS}
+        for kind in load_manifest(data_cfg.valid_path)["kinds"]:
+            per_kind[kind][data_cfg.valid_path] = 1.0
+        datasets, probs = _weighted(per_kind, data_cfg)
+        if not datasets:
+            raise DataError(f"data.valid_path={data_cfg.valid_path} holds no samples of a kind with a "
+                            "weight > 0; prepare some or unset it")
+        return datasets, probs
+    if data_cfg.valid_fraction:
+        datasets, probs = _training_corpus(data_cfg)
+        return [hold_out(d, data_cfg.valid_fraction)[1] for d in datasets], probs
+    return [], []
+
+
+def _weighted(per_kind: dict[str, dict[str, float]], data_cfg) -> tuple[list[ShardedDataset], list[float]]:
     datasets, probs = [], []
     manifests: dict[str, dict] = {}
     for kind in KINDS:
@@ -48,10 +87,44 @@ def datasets_from_config(data_cfg) -> tuple[list[ShardedDataset], list[float]]:
             datasets.append(ds)
             probs.append(kind_weight * w / total)
     if not datasets:
-        raise DataError("no training data: set data.path or data.interleaved/caption/text to prepared folders "
-                        "(see `mm1 data prepare`)")
+        return [], []
     probs_arr = np.asarray(probs, dtype=np.float64)
     return datasets, list(probs_arr / probs_arr.sum())
+
+
+class Share:
+    """The training or the held-out share of a dataset (data.valid_fraction): ceil(fraction x
+    size) samples drawn at random are held out, at least one and never all. The draw depends
+    only on the dataset's shards (names, sample counts), not on the run's seed or the folder's
+    location, so runs of one corpus validate alike. Indexed 0..len-1 in the dataset's order;
+    the draw is made on first access (ranks that read no data never make it)."""
+
+    def __init__(self, dataset: ShardedDataset, fraction: float, held_out: bool):
+        n = len(dataset)
+        if n < 2:
+            raise DataError(f"{dataset.name} has {n} sample(s): too few to hold some out for validation "
+                            "(data.valid_fraction); use data.valid_path")
+        self.dataset, self.fraction, self.held_out, self.kind = dataset, fraction, held_out, dataset.kind
+        self.held = min(n - 1, math.ceil(fraction * n))
+        self.name = f"{dataset.name}[valid {fraction:g}]" if held_out else f"{dataset.name}[train {1 - fraction:g}]"
+
+    @functools.cached_property
+    def indices(self) -> np.ndarray:
+        d = self.dataset
+        identity = ",".join(Path(s).name for s in d.shards) + f":{d.kind}:{len(d)}"
+        order = np.random.default_rng([_HOLD_OUT, zlib.crc32(identity.encode())]).permutation(len(d))
+        return np.sort(order[: self.held] if self.held_out else order[self.held :])
+
+    def __len__(self) -> int:
+        return self.held if self.held_out else len(self.dataset) - self.held
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[int(self.indices[index])]
+
+
+def hold_out(dataset: ShardedDataset, fraction: float) -> tuple[Share, Share]:
+    """(training share, held-out share) of `dataset`."""
+    return Share(dataset, fraction, held_out=False), Share(dataset, fraction, held_out=True)
 
 
 class MixtureSampler:
