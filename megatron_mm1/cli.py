@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     ("megatron_mm1.commands.checkpoint", "add_parser"),
     ("megatron_mm1.commands.submit", "add_parser"),
     ("megatron_mm1.commands.eval", "add_parser"),
+    ("megatron_mm1.commands.generate", "add_parser"),
 ]
 
 

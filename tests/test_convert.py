@@ -247,6 +247,55 @@ def test_generate_from_an_image_prompt(work):
     assert torch.equal(logits[0, ids.shape[1] - 1 :].argmax(-1), generated[0, ids.shape[1] :])
 
 
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_mm1_generate_equals_hf_generate(work, tmp_path, capsys, with_image):
+    """`mm1 generate` on the TP2 x PP2 checkpoint (resharded to one process, no KV cache) makes
+    the tokens transformers' generate() makes from the export (KV cache), greedy."""
+    import json
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from megatron_mm1.checkpoint import load_checkpoint_config
+    from megatron_mm1.cli import main
+    from megatron_mm1.data.tokenizer import Tokenizer
+    from megatron_mm1.generate import encode_prompt
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(image)
+    images = [image] if with_image else []
+    prompt = ("<image>" if with_image else "") + "a photo of the red"
+    argv = ["generate", "--checkpoint", str(work["root"] / "dense"), "--prompt", prompt, "--max-new-tokens", "6",
+            "--tokenizer", str(work["tokenizer"]), "--json", *(a for f in images for a in ("--image", str(f)))]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["tokens"]) == 6 or result["stopped_at_eos"]
+
+    cfg = load_checkpoint_config(work["root"] / "dense")
+    tokenizer = Tokenizer(work["tokenizer"], cfg.model.image_token_id)
+    tokens, pixels = encode_prompt(prompt, images, cfg, tokenizer)
+    assert int((tokens == cfg.model.image_token_id).sum()) == len(images) * cfg.model.connector.num_image_tokens
+    model = AutoModelForImageTextToText.from_pretrained(export(work, "dense"), trust_remote_code=True,
+                                                        dtype=torch.float32).eval()
+    padding = list(range(tokenizer.vocab_size, model.config.text_config.vocab_size))  # never generated
+    hf = model.generate(input_ids=tokens, pixel_values=pixels if with_image else None, max_new_tokens=6,
+                        do_sample=False, suppress_tokens=padding or None)
+    assert hf[0, tokens.shape[1]:].tolist() == result["tokens"]
+
+
+def test_generate_refuses_bad_prompts(work, tmp_path, capsys):
+    from megatron_mm1.cli import main
+
+    base = ["generate", "--checkpoint", str(work["root"] / "dense"), "--tokenizer", str(work["tokenizer"])]
+    assert main([*base, "--prompt", "<image> a photo"]) == 2
+    assert "1 <image> marker(s) but 0 --image file(s)" in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main([*base, "--prompt", "<image>", "--image", str(tmp_path / "broken.png")]) == 2
+    assert f"--image {tmp_path / 'broken.png'}: cannot use it" in capsys.readouterr().err
+    assert main([*base, "--prompt", "a", "--temperature", "-1"]) == 2
+    assert "--temperature -1.0 must be >= 0" in capsys.readouterr().err
+
+
 def test_cli_verify(work, capsys):
     from megatron_mm1.cli import main
 

@@ -1,4 +1,4 @@
-"""`mm1 demo` end to end: demo corpus, 4 processes in TP2 x PP2, the loss and the validation loss fall."""
+"""`mm1 demo` end to end: demo corpus, 4 processes in TP2 x PP2, the loss and the validation loss fall, a caption."""
 
 import json
 import sys
@@ -18,3 +18,5 @@ def test_demo_trains_tp2_pp2(tmp_path):
     # The held-out loss, before training and at the last step, falls too.
     assert rows[0]["valid_loss"] > 6.0 and rows[-1]["valid_loss"] < rows[0]["valid_loss"] - 1.0
     assert "validation loss (held-out 5%)" in proc.stdout
+    # ... and the model captions a new image (mm1 generate's code, on the newest checkpoint).
+    assert "a new image" in proc.stdout and "captioned by the model: '" in proc.stdout

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         f"  metrics:      {out / 'metrics.jsonl'}\n"
         f"  tensorboard:  tensorboard --logdir {out / 'tensorboard'}\n"
         f"  checkpoints:  {out / 'checkpoints'} (newest: {(out / 'checkpoints' / 'latest').read_text().strip()})\n"
+        f"{_caption_a_new_image(out)}\n"
         "next:\n"
         f"  a run of your own:  mm1 train --config {args.config} --data {data} --out runs/my-run --steps 200 "
         f"--nproc {args.nproc} " + " ".join(f"--set {s}" for s in DEMO_SETTINGS[:3]) + "\n"
@@ -64,6 +65,22 @@ def run(args: argparse.Namespace) -> int:
         "  your own data:      mm1 data prepare --help"
     )
     return 0
+
+
+def _caption_a_new_image(out: Path) -> str:
+    """What the trained model says about a scene drawn now (not in the corpus), with `mm1 generate`'s
+    code: the image, then the caption it continues with."""
+    import random
+
+    from megatron_mm1.data.demo import describe_scene, draw_scene
+    from megatron_mm1.generate import complete
+
+    scene = ("red", "circle", 2, "left")
+    image = out / "new-scene.png"
+    draw_scene(*scene, random.Random(2026)).save(image)
+    said = complete(out, "<image>", [image], max_new_tokens=12)["text"]
+    return (f"  a new image ({image}, {describe_scene(*scene)}), captioned by the model: {said!r}\n"
+            f"  (mm1 generate --checkpoint {out} --prompt '<image>' --image {image})")
 
 
 def add_parser(subparsers) -> None:

@@ -50,7 +50,7 @@ def draw_scene(colour: str, shape: str, count: int, position: str, rng: random.R
     return img
 
 
-def _caption(colour: str, shape: str, count: int, position: str) -> str:
+def describe_scene(colour: str, shape: str, count: int, position: str) -> str:
     where = "on the" if position in ("left", "right") else "at the"
     return f"{NUMBERS[count]} {colour} {shape}{'s' if count > 1 else ''} {where} {position}"
 
@@ -81,7 +81,7 @@ def write_corpus(out: Path, num_captions: int = 400, num_interleaved: int = 150,
         name = f"{drawn:05d}.png"
         draw_scene(colour, shape, count, position, rng).save(images / name)
         drawn += 1
-        return name, _caption(colour, shape, count, position), count
+        return name, describe_scene(colour, shape, count, position), count
 
     records = []
     for _ in range(num_captions):
