@@ -90,28 +90,34 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise ConfigError(f"--top-p {top_p} must be in (0, 1]")
 
 
-def complete(checkpoint: str | Path, prompt: str, image_files: list[Path], max_new_tokens: int,
-             tokenizer_file: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             progress: bool = False) -> dict:
-    """Load the checkpoint (a run's newest intact one for a run folder) in this process and
-    continue the prompt: {"checkpoint", "prompt_tokens", "tokens", "text", "stopped_at_eos"}."""
-    from tqdm import tqdm
+class Generator:
+    """A checkpoint's model (a run's newest intact checkpoint for a run folder) loaded in this
+    process with its tokenizer; called with a prompt, it returns
+    {"prompt_tokens", "tokens", "text", "stopped_at_eos"}."""
 
-    from megatron_mm1.device import device
-    from megatron_mm1.hf.megatron_io import MegatronCheckpoint
-    from megatron_mm1.hf.verify import megatron_model
+    def __init__(self, checkpoint: str | Path, tokenizer_file: str | None = None):
+        from megatron_mm1.hf.megatron_io import MegatronCheckpoint
+        from megatron_mm1.hf.verify import megatron_model
 
-    check_sampling(max_new_tokens, temperature, top_p)
-    ckpt = MegatronCheckpoint(checkpoint)
-    cfg = ckpt.cfg
-    tokenizer_file = tokenizer_file or cfg.data.tokenizer
-    if not tokenizer_file:
-        raise ConfigError(f"{ckpt.path}'s config names no tokenizer (data.tokenizer): give --tokenizer FILE")
-    tokenizer = Tokenizer(tokenizer_file, cfg.model.image_token_id, cfg.model.llm.vocab_size)
-    tokens, images = encode_prompt(prompt, image_files, cfg, tokenizer)
-    model = megatron_model(ckpt)
-    with tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress) as bar:
-        new = generate(model, tokens.to(device()), images.to(device()), max_new_tokens, tokenizer.vocab_size,
-                       temperature, top_p, seed, on_token=lambda _: bar.update(1))
-    return {"checkpoint": str(ckpt.path), "prompt_tokens": tokens.shape[1], "tokens": new,
-            "text": tokenizer.decode([t for t in new if t != EOS_ID]), "stopped_at_eos": bool(new) and new[-1] == EOS_ID}
+        ckpt = MegatronCheckpoint(checkpoint)
+        self.path, self.cfg = ckpt.path, ckpt.cfg
+        tokenizer_file = tokenizer_file or self.cfg.data.tokenizer
+        if not tokenizer_file:
+            raise ConfigError(f"{ckpt.path}'s config names no tokenizer (data.tokenizer): give --tokenizer FILE")
+        self.tokenizer = Tokenizer(tokenizer_file, self.cfg.model.image_token_id, self.cfg.model.llm.vocab_size)
+        self.model = megatron_model(ckpt)
+
+    def __call__(self, prompt: str, image_files: list[Path], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, progress: bool = False) -> dict:
+        from tqdm import tqdm
+
+        from megatron_mm1.device import device
+
+        check_sampling(max_new_tokens, temperature, top_p)
+        tokens, images = encode_prompt(prompt, image_files, self.cfg, self.tokenizer)
+        with tqdm(total=max_new_tokens, desc="generate", unit="token", disable=not progress) as bar:
+            new = generate(self.model, tokens.to(device()), images.to(device()), max_new_tokens,
+                           self.tokenizer.vocab_size, temperature, top_p, seed, on_token=lambda _: bar.update(1))
+        return {"prompt_tokens": tokens.shape[1], "tokens": new,
+                "text": self.tokenizer.decode([t for t in new if t != EOS_ID]),
+                "stopped_at_eos": bool(new) and new[-1] == EOS_ID}

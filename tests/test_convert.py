@@ -296,6 +296,48 @@ def test_generate_refuses_bad_prompts(work, tmp_path, capsys):
     assert "--temperature -1.0 must be >= 0" in capsys.readouterr().err
 
 
+def test_mm1_eval_answers_with_the_checkpoint_and_scores_as_given_predictions_are(work, tmp_path, capsys):
+    """`mm1 eval --checkpoint` (one-shot): each prediction is `mm1 generate`'s greedy answer to
+    the item's few-shot prompt, cut at its line break, and the metrics are those `--score`
+    gives for the same predictions."""
+    import json
+
+    from PIL import Image
+
+    from megatron_mm1.cli import main
+    from megatron_mm1.eval.prompts import prediction, prompt
+    from megatron_mm1.eval.tasks import load_task
+    from megatron_mm1.generate import Generator
+
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (40, 40), rgb).save(tmp_path / f"{name}.png")
+    tasks = {
+        "caption": [{"id": n, "image": f"{n}.png", "references": [f"a {n} square", f"the {n} photo"]} for n in colours],
+        "vqa": [{"id": n, "image": f"{n}.png", "question": "what colour is it?", "answers": [n] * 10} for n in colours],
+    }
+    for kind, items in tasks.items():
+        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    common = ["--tokenizer", str(work["tokenizer"]), "--json", *(a for kind in tasks for a in ("--task", f"{kind}:{tmp_path / kind}.jsonl"))]
+    assert main(["eval", "--checkpoint", str(work["root"] / "dense"), "--shots", "1", "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "model"), *common]) == 0
+    answered = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    lines = [json.loads(line) for line in (tmp_path / "model" / "predictions.jsonl").read_text().splitlines()]
+    generator = Generator(work["root"] / "dense", str(work["tokenizer"]))
+    for kind in tasks:
+        records = load_task(kind, tmp_path / f"{kind}.jsonl")
+        made = [line["prediction"] for line in lines if line["task"] == kind]
+        assert made == [prediction(generator(*prompt(kind, records, i, 1, 0, tmp_path), 3)["text"])
+                        for i in range(len(records))]
+        (tmp_path / f"{kind}-pred.jsonl").write_text("".join(
+            json.dumps({"id": r.id, "prediction": p}) + "\n" for r, p in zip(records, made)))
+        assert answered[kind]["checkpoint"] == str(work["root"] / "dense") and answered[kind]["shots"] == 1
+    capsys.readouterr()
+    assert main(["eval", "--score", *common, *(a for kind in tasks for a in ("--predictions", str(tmp_path / f"{kind}-pred.jsonl")))]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert {k: v["metrics"] for k, v in scored.items()} == {k: v["metrics"] for k, v in answered.items()}
+
+
 def test_cli_verify(work, capsys):
     from megatron_mm1.cli import main
 

@@ -255,8 +255,10 @@ def test_cli_scores_predictions_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "model-based evaluation (--checkpoint) is not built yet"),
-    (["--score"], "--score needs at least one --task"),
+    ([], "give --checkpoint CKPT (the model answers) or --score with --predictions"),
+    (["--score", "--checkpoint", "run"], "give --checkpoint CKPT (the model answers) or --score"),
+    (["--score"], "give at least one --task KIND:FILE"),
+    (["--checkpoint", "run", "--task", "vqa:a.jsonl", "--predictions", "p.jsonl"], "--predictions goes with --score"),
     (["--score", "--task", "vqa:a.jsonl"], "1 --task but 0 --predictions"),
     (["--score", "--task", "ocr:a.jsonl", "--predictions", "p.jsonl"], "--task ocr:a.jsonl: use KIND:FILE"),
     (["--score", "--task", "vqa:missing.jsonl", "--predictions", "p.jsonl"], "missing.jsonl: cannot read it"),
@@ -311,3 +313,27 @@ def test_predictions_must_match_the_task_ids(tmp_path):
                             records, task) == ["a", "b"]
     with pytest.raises(ConfigError, match=re.escape(f"{task}:2: duplicate id 1 (first on line 1)")):
         load_task("caption", _write(task, [{"id": 1, "references": ["a"]}, {"id": 1, "references": ["b"]}]))
+
+
+def test_few_shot_prompts_draw_examples_from_the_task_without_the_query(tmp_path):
+    from megatron_mm1.config import ConfigError
+    from megatron_mm1.eval.prompts import prediction, prompt
+    from megatron_mm1.eval.tasks import load_task
+
+    items = [{"id": i, "image": f"{i}.png", "question": f"q{i}?", "answers": ["yes"] * 7 + ["no"] * 3,
+              "choices": ["red", "blue"], "answer": i % 2} for i in range(5)]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    vqa = load_task("vqa", path)
+    text, images = prompt("vqa", vqa, 2, 2, seed=0, images_root=tmp_path)
+    assert text.count("<image>") == 3 and len(images) == 3
+    assert images[-1] == tmp_path / "2.png" and tmp_path / "2.png" not in images[:2]  # the query is last, once
+    assert text.endswith("<image>Question: q2? Answer:") and text.count(" Answer: yes\n") == 2
+    assert prompt("vqa", vqa, 2, 2, seed=0, images_root=tmp_path) == (text, images)  # the same draw every time
+    assert any(prompt("vqa", vqa, 2, 2, seed=s, images_root=tmp_path)[1] != images for s in range(1, 6))
+    mc = load_task("multiple_choice", path)
+    text, _ = prompt("multiple_choice", mc, 0, 1, seed=0, images_root=tmp_path)
+    assert "Options: A) red B) blue Answer: " in text and text.endswith("Options: A) red B) blue Answer:")
+    assert prediction(" B) blue\nQuestion: ...") == "B) blue"
+    with pytest.raises(ConfigError, match="--shots 5 needs at least 6 items"):
+        prompt("vqa", vqa, 0, 5, seed=0, images_root=tmp_path)

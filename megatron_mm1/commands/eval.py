@@ -1,5 +1,6 @@
-"""`mm1 eval --score`: score predictions against captioning, VQA and multiple-choice tasks with
-the MM1 paper's metrics (CIDEr, BLEU-4, VQA accuracy, accuracy); no model is loaded."""
+"""`mm1 eval`: captioning, VQA and multiple-choice tasks scored with the MM1 paper's metrics
+(CIDEr, BLEU-4, VQA accuracy, accuracy), on a checkpoint's few-shot answers (--checkpoint) or
+on given predictions (--score, no model)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-NO_MODEL_EVAL = ("model-based evaluation (--checkpoint) is not built yet: score a model's "
-                 "predictions with --score --task KIND:FILE --predictions FILE")
 
 
 def parse_task(spec: str) -> tuple[str, Path]:
@@ -51,44 +49,82 @@ def run(args: argparse.Namespace) -> int:
     from megatron_mm1.config import ConfigError
     from megatron_mm1.eval.tasks import load_predictions, load_task, score
 
-    if not args.score:
-        raise ConfigError(NO_MODEL_EVAL)
+    if args.score == bool(args.checkpoint):
+        raise ConfigError("give --checkpoint CKPT (the model answers) or --score with --predictions (given answers)")
     if not args.task:
-        raise ConfigError("--score needs at least one --task KIND:FILE")
-    if len(args.predictions) != len(args.task):
+        raise ConfigError("give at least one --task KIND:FILE")
+    if args.score and len(args.predictions) != len(args.task):
         raise ConfigError(f"{len(args.task)} --task but {len(args.predictions)} --predictions: give one "
                           "--predictions FILE for each --task, in the same order")
+    if args.checkpoint and args.predictions:
+        raise ConfigError("--predictions goes with --score; with --checkpoint the model makes them")
     loaded = {}  # every file is read and checked before anything is scored
-    for spec, predictions_file in zip(args.task, args.predictions):
+    for i, spec in enumerate(args.task):
         kind, path = parse_task(spec)
         if path.stem in loaded:
             raise ConfigError(f"two tasks named {path.stem!r}: give their files different names")
         records = load_task(kind, path)
-        predictions = load_predictions(Path(predictions_file), records, path)
-        loaded[path.stem] = (kind, path, predictions_file, records, predictions)
+        predictions = load_predictions(Path(args.predictions[i]), records, path) if args.score else None
+        source = {"predictions_file": args.predictions[i]} if args.score else {}
+        loaded[path.stem] = (kind, path, records, predictions, source)
+    if args.checkpoint:
+        loaded = _answer(args, loaded)
     results, scored = {}, []
-    for name, (kind, path, predictions_file, records, predictions) in loaded.items():
+    for name, (kind, path, records, predictions, source) in loaded.items():
         metrics, each = score(kind, records, predictions)
-        results[name] = {"kind": kind, "task_file": str(path), "predictions_file": predictions_file,
-                         "n": len(records), "metrics": metrics}
+        results[name] = {"kind": kind, "task_file": str(path), **source, "n": len(records), "metrics": metrics}
         scored += [{"task": name, "id": r.id, "prediction": p, "scores": s}
                    for r, p, s in zip(records, predictions, each)]
     report(results, scored, args.out, args.json)
     return 0
 
 
+def _answer(args: argparse.Namespace, loaded: dict) -> dict:
+    """The model's prediction for every item: a few-shot prompt (megatron_mm1/eval/prompts.py),
+    greedy decoding in this process (mm1 generate's code)."""
+    from tqdm import tqdm
+
+    from megatron_mm1.config import ConfigError
+    from megatron_mm1.eval.prompts import prediction, prompt
+    from megatron_mm1.generate import Generator, check_sampling
+
+    check_sampling(args.max_new_tokens, 0.0, 1.0)
+    if args.shots < 0:
+        raise ConfigError(f"--shots {args.shots} must be >= 0")
+    for kind, path, records, *_ in loaded.values():  # every prompt builds before the model loads
+        for i in range(len(records)):
+            prompt(kind, records, i, args.shots, args.seed, path.parent)
+    generator = Generator(args.checkpoint, args.tokenizer)
+    source = {"checkpoint": str(generator.path), "shots": args.shots, "seed": args.seed}
+    answered = {}
+    for name, (kind, path, records, *_) in loaded.items():
+        predictions = []
+        for i in tqdm(range(len(records)), desc=name, unit="item", file=sys.stderr, disable=not sys.stderr.isatty()):
+            text, images = prompt(kind, records, i, args.shots, args.seed, path.parent)
+            predictions.append(prediction(generator(text, images, args.max_new_tokens)["text"]))
+        answered[name] = (kind, path, records, predictions, source)
+    return answered
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="score captioning, VQA and multiple-choice predictions (CIDEr, BLEU-4, VQA accuracy)",
-        description="Score predictions with the MM1 paper's metrics: CIDEr-D and BLEU-4 as the "
-        "COCO caption evaluation computes them (no Java needed), the official VQA accuracy, and "
-        "multiple-choice accuracy. Task and prediction files are JSONL matched by id "
-        "(docs/eval.md). Prints a table; --out also writes metrics.json and the scored "
-        "predictions.jsonl.",
+        help="captioning, VQA and multiple-choice scores (CIDEr, BLEU-4, VQA accuracy) of a checkpoint or of predictions",
+        description="Evaluate with the MM1 paper's metrics: CIDEr-D and BLEU-4 as the COCO caption "
+        "evaluation computes them (no Java needed), the official VQA accuracy, and multiple-choice "
+        "accuracy. --checkpoint: the model answers each item of the task files after --shots examples "
+        "from the same file (in this process, greedy). --score: given predictions are scored, no model. "
+        "Task and prediction files are JSONL matched by id (docs/eval.md). Prints a table; --out also "
+        "writes metrics.json and the scored predictions.jsonl.",
     )
-    p.add_argument("--score", action="store_true",
-                   help="score existing predictions (model-free; the only mode built so far)")
+    p.add_argument("--checkpoint", help="the model answers: a checkpoint folder, or a run folder or its "
+                   "checkpoints/ folder (the newest intact checkpoint), loaded in this process")
+    p.add_argument("--shots", type=int, default=0, help="with --checkpoint: examples before each question, "
+                   "drawn from the task file without the question (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="with --checkpoint: longest answer in tokens (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="with --checkpoint: seed of the examples' draw (default 0)")
+    p.add_argument("--tokenizer", help="with --checkpoint: SentencePiece model (default: the checkpoint's data.tokenizer)")
+    p.add_argument("--score", action="store_true", help="score given predictions (--predictions), no model")
     p.add_argument("--task", action="append", default=[], metavar="KIND:FILE",
                    help="a task file, KIND one of caption, vqa, multiple_choice (repeatable)")
     p.add_argument("--predictions", action="append", default=[], metavar="FILE",

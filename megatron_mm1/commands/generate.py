@@ -9,12 +9,14 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_mm1.generate import complete
+    from megatron_mm1.generate import Generator, check_sampling
 
-    result = complete(args.checkpoint, args.prompt, [Path(p) for p in args.image], args.max_new_tokens,
-                      args.tokenizer, args.temperature, args.top_p, args.seed, progress=sys.stderr.isatty())
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before loading the model
+    generator = Generator(args.checkpoint, args.tokenizer)
+    result = generator(args.prompt, [Path(p) for p in args.image], args.max_new_tokens, args.temperature,
+                       args.top_p, args.seed, progress=sys.stderr.isatty())
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "images": args.image, **result}))
+        print(json.dumps({"checkpoint": str(generator.path), "prompt": args.prompt, "images": args.image, **result}))
     else:
         print(result["text"])
     return 0
