@@ -257,7 +257,7 @@ def begin_save(root: Path, step: int) -> Path:
 def agree_on_errors(error: BaseException | None, step: int, tmp: Path) -> None:
     """Raise SaveFailed on every rank if a save failed on any (after removing its temporary
     folder, to give the space back); every rank calls it at the same point. Collective."""
-    failures = _gather_failures(error)
+    failures = gather_failures(error)
     if not failures:
         return
     usage = shutil.disk_usage(tmp.parent)  # before the space is given back
@@ -293,12 +293,12 @@ def _fail_together(write: Callable[[], object] | None) -> None:
             write()
         except SAVE_ERRORS as e:
             error = e
-    failures = _gather_failures(error)
+    failures = gather_failures(error)
     if failures:
         raise RanksFailed(failures)
 
 
-def _gather_failures(error: BaseException | None) -> dict[int, str]:
+def gather_failures(error: BaseException | None) -> dict[int, str]:
     """Every rank's failures (rank: one line), on every rank; empty if none failed. Collective."""
     reports: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(reports, None if error is None else _failures(error))
@@ -573,32 +573,39 @@ def checkpoint_folders(path: Path) -> list[Path]:
     return found
 
 
-def intact_checkpoint(path: Path, only: str = "", progress: bool = False) -> Path:
+def intact_checkpoint(path: Path, only: str = "", progress: bool = False, collective: bool = False) -> Path:
     """The checkpoint `path` names (checkpoint_folders) with its files (those under `only`)
     checked against its manifest: that one, or a run's newest intact one, saying which damaged
     ones it passed over; ConfigError when it is damaged or none is intact. A folder without a
-    manifest (put together by hand) is taken as it is, with a note."""
+    manifest (put together by hand) is taken as it is, with a note. `collective`: every rank
+    calls it and checks a share of the files (verify_collective); rank 0 prints the notes."""
     folders = checkpoint_folders(path)
+    speaks = not collective or torch.distributed.get_rank() == 0
     for ckpt in folders:
         if not (ckpt / MANIFEST).is_file() and len(folders) == 1:
-            print(f"note: {ckpt} has no {MANIFEST}: its files' checksums are not checked", file=sys.stderr)
+            if speaks:
+                print(f"note: {ckpt} has no {MANIFEST}: its files' checksums are not checked", file=sys.stderr)
             return ckpt
-        damaged = verify_checkpoint(ckpt, only=only, progress=progress)
+        if collective:
+            damaged = verify_collective(ckpt, only=only)
+        else:
+            damaged = verify_checkpoint(ckpt, only=only, progress=progress)
         if not damaged:
             return ckpt
         if len(folders) == 1:
             raise ConfigError(f"{ckpt} is damaged: {'; '.join(damaged[:3])} (`mm1 checkpoint verify` lists all)")
-        print(f"note: passing over {ckpt}, damaged: {'; '.join(damaged[:3])}", file=sys.stderr)
+        if speaks:
+            print(f"note: passing over {ckpt}, damaged: {'; '.join(damaged[:3])}", file=sys.stderr)
     raise ConfigError(f"no intact checkpoint in {path} (`mm1 checkpoint verify {path}` lists what is damaged)")
 
 
-def verify_collective(path: Path) -> list[str]:
-    """Every rank checks its share of a checkpoint's files against its manifest; returns the
-    problems found by any rank, the same list on every rank. Collective."""
+def verify_collective(path: Path, only: str = "") -> list[str]:
+    """Every rank checks its share of a checkpoint's files (those under `only`) against its
+    manifest; returns the problems found by any rank, the same list on every rank. Collective."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     try:
         manifest = read_manifest(path)
-        names = _shares({n: e["bytes"] for n, e in manifest.items()}, world)[rank]
+        names = _shares({n: e["bytes"] for n, e in manifest.items() if n.startswith(only)}, world)[rank]
         mine = [p for p in (check_file(path, n, manifest[n]) for n in names) if p]
     except CheckpointDamaged as e:
         mine = e.problems if rank == 0 else []

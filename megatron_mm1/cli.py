@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to run the same command in more processes
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

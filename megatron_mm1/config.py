@@ -366,6 +366,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
 
 
+def parse_layout(overrides: list[str]) -> ParallelConfig:
+    """A parallel layout from `parallel.KEY=VALUE` overrides over the one-process default (the
+    layout of a command that loads a checkpoint at any layout: `mm1 generate`, `mm1 eval`)."""
+    values = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 2 or keys[0] != "parallel":
+            raise ConfigError(f"--set {item}: only the layout can be set here (parallel.KEY=VALUE)")
+        values[keys[1]] = value
+    return _build(ParallelConfig, values, "parallel")
+
+
 def _yaml_problem(error: yaml.YAMLError) -> str:
     """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
     mark = getattr(error, "problem_mark", None)

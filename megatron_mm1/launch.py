@@ -33,6 +33,11 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
 
 
+def under_launcher() -> bool:
+    """This process is one rank of a run that torchrun or srun started."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

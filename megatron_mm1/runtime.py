@@ -173,8 +173,12 @@ def single_process(cfg: Config) -> Config:
     """Start megatron-core in this process alone at TP = PP = EP = 1 (model building on the
     meta device, conversion, parameter counts) and return that config."""
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
-    # An earlier start in this process: end its process groups, not only megatron's view of
-    # them (every gloo group keeps threads of its own until destroyed).
-    shutdown()
-    init_runtime(cfg)
+    restart(cfg)
     return cfg
+
+
+def restart(cfg: Config) -> DistEnv:
+    """init_runtime after ending an earlier start in this process, if any: its process groups,
+    not only megatron's view of them (every gloo group keeps threads of its own until destroyed)."""
+    shutdown()
+    return init_runtime(cfg)

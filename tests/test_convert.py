@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, run, torchrun
 
 # Saved by 4 gloo processes at these layouts (the MoE presets' path: Llama and Qwen2-MoE).
 LAYOUTS = {
@@ -302,22 +302,12 @@ def test_mm1_eval_answers_with_the_checkpoint_and_scores_as_given_predictions_ar
     gives for the same predictions."""
     import json
 
-    from PIL import Image
-
     from megatron_mm1.cli import main
     from megatron_mm1.eval.prompts import prediction, prompt
     from megatron_mm1.eval.tasks import load_task
-    from megatron_mm1.generate import Generator
+    from megatron_mm1.generate import Generator, Sampling
 
-    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
-    for name, rgb in colours.items():
-        Image.new("RGB", (40, 40), rgb).save(tmp_path / f"{name}.png")
-    tasks = {
-        "caption": [{"id": n, "image": f"{n}.png", "references": [f"a {n} square", f"the {n} photo"]} for n in colours],
-        "vqa": [{"id": n, "image": f"{n}.png", "question": "what colour is it?", "answers": [n] * 10} for n in colours],
-    }
-    for kind, items in tasks.items():
-        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    tasks = colour_tasks(tmp_path)
     common = ["--tokenizer", str(work["tokenizer"]), "--json", *(a for kind in tasks for a in ("--task", f"{kind}:{tmp_path / kind}.jsonl"))]
     assert main(["eval", "--checkpoint", str(work["root"] / "dense"), "--shots", "1", "--max-new-tokens", "3",
                  "--out", str(tmp_path / "model"), *common]) == 0
@@ -327,7 +317,8 @@ def test_mm1_eval_answers_with_the_checkpoint_and_scores_as_given_predictions_ar
     for kind in tasks:
         records = load_task(kind, tmp_path / f"{kind}.jsonl")
         made = [line["prediction"] for line in lines if line["task"] == kind]
-        assert made == [prediction(generator(*prompt(kind, records, i, 1, 0, tmp_path), 3)["text"])
+        # one prompt at a time here, where `mm1 eval` batched them
+        assert made == [prediction(generator.generate([prompt(kind, records, i, 1, 0, tmp_path)], Sampling(3))[0]["text"])
                         for i in range(len(records))]
         (tmp_path / f"{kind}-pred.jsonl").write_text("".join(
             json.dumps({"id": r.id, "prediction": p}) + "\n" for r, p in zip(records, made)))
@@ -336,6 +327,86 @@ def test_mm1_eval_answers_with_the_checkpoint_and_scores_as_given_predictions_ar
     assert main(["eval", "--score", *common, *(a for kind in tasks for a in ("--predictions", str(tmp_path / f"{kind}-pred.jsonl")))]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert {k: v["metrics"] for k, v in scored.items()} == {k: v["metrics"] for k, v in answered.items()}
+
+
+def colour_tasks(folder: Path) -> list[str]:
+    """A caption and a VQA task file of three plain-colour images in `folder`: their kinds."""
+    import json
+
+    from PIL import Image
+
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (40, 40), rgb).save(folder / f"{name}.png")
+    tasks = {
+        "caption": [{"id": n, "image": f"{n}.png", "references": [f"a {n} square", f"the {n} photo"]} for n in colours],
+        "vqa": [{"id": n, "image": f"{n}.png", "question": "what colour is it?", "answers": [n] * 10} for n in colours],
+    }
+    for kind, items in tasks.items():
+        (folder / f"{kind}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    return list(tasks)
+
+
+# 4 processes: PP2 x DP2, and TP2 (sequence parallel) x DP2 with the experts over EP2.
+PARALLEL_LAYOUTS = {
+    "dense": ["parallel.pipeline_model_parallel_size=2"],
+    "moe": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+            "parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"],
+}
+
+
+@pytest.mark.parametrize("kind", PARALLEL_LAYOUTS)
+def test_generate_and_eval_at_a_parallel_layout_answer_as_one_process_does(work, tmp_path, kind):
+    """`mm1 generate --nproc 4` at a parallel layout makes the tokens one process makes.
+    `mm1 eval --nproc 4` spreads 3 items over 2 data-parallel replicas in batches of 2 (one
+    replica steps along idle at the end, as the experts' all-to-all needs) and gives each item
+    the answer one process gives it alone."""
+    import json
+
+    from PIL import Image
+
+    from megatron_mm1.eval.prompts import prediction, prompt
+    from megatron_mm1.eval.tasks import load_task
+    from megatron_mm1.generate import Generator, Sampling
+
+    ckpt, tokenizer = str(work["root"] / kind), str(work["tokenizer"])
+    layout = [a for item in PARALLEL_LAYOUTS[kind] for a in ("--set", item)]
+    image = tmp_path / "red.png"
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(image)
+    mm1 = [str(Path(sys.executable).parent / "mm1")]
+    out = run([*mm1, "generate", "--checkpoint", ckpt, "--tokenizer", tokenizer, "--prompt", "<image>a photo of",
+               "--image", str(image), "--max-new-tokens", "5", "--json", "--nproc", "4", *layout]).stdout
+    generated = json.loads(out.strip().splitlines()[-1])
+    kinds = colour_tasks(tmp_path)
+    run([*mm1, "eval", "--checkpoint", ckpt, "--tokenizer", tokenizer, "--shots", "1", "--max-new-tokens", "3",
+         "--batch-size", "2", "--out", str(tmp_path / "eval"), "--nproc", "4", *layout,
+         *(a for k in kinds for a in ("--task", f"{k}:{tmp_path / k}.jsonl"))])
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+    one_process = Generator(ckpt, tokenizer)
+    alone = one_process.generate([("<image>a photo of", [image])], Sampling(5))[0]
+    assert generated["tokens"] == alone["tokens"] and generated["prompt_tokens"] == alone["prompt_tokens"]
+    for k in kinds:
+        records = load_task(k, tmp_path / f"{k}.jsonl")
+        expected = [prediction(one_process.generate([prompt(k, records, i, 1, 0, tmp_path)], Sampling(3))[0]["text"])
+                    for i in range(len(records))]
+        assert [line["prediction"] for line in lines if line["task"] == k] == expected
+
+
+def test_a_bad_image_on_one_replica_stops_every_process(work, tmp_path):
+    """`mm1 eval --nproc 2` (DP2): the second item's image, replica 1's, does not decode. Both
+    processes stop with the message naming it (replica 0 does not wait for the other in a
+    collective), exit code 2."""
+    import json
+
+    ckpt, tokenizer = str(work["root"] / "dense"), str(work["tokenizer"])
+    colour_tasks(tmp_path)
+    (tmp_path / "blue.png").write_bytes(b"not an image")
+    proc = run([str(Path(sys.executable).parent / "mm1"), "eval", "--checkpoint", ckpt, "--tokenizer", tokenizer,
+                "--task", f"caption:{tmp_path / 'caption.jsonl'}", "--nproc", "2"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--image {tmp_path / 'blue.png'}: cannot use it" in proc.stderr
+    assert json.loads((tmp_path / "caption.jsonl").read_text().splitlines()[1])["image"] == "blue.png"
 
 
 def test_cli_verify(work, capsys):

@@ -73,12 +73,15 @@ def _caption_a_new_image(out: Path) -> str:
     import random
 
     from megatron_mm1.data.demo import describe_scene, draw_scene
-    from megatron_mm1.generate import Generator
+    from megatron_mm1.generate import Generator, Sampling
+    from megatron_mm1.runtime import shutdown
 
     scene = ("red", "circle", 2, "left")
     image = out / "new-scene.png"
     draw_scene(*scene, random.Random(2026)).save(image)
-    said = Generator(out)("<image>", [image], max_new_tokens=12)["text"]
+    (said,) = Generator(out).generate([("<image>", [image])], Sampling(max_new_tokens=12))
+    said = said["text"]
+    shutdown()
     return (f"  a new image ({image}, {describe_scene(*scene)}), captioned by the model: {said!r}\n"
             f"  (mm1 generate --checkpoint {out} --prompt '<image>' --image {image})")
 

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_mm1.commands.generate import add_layout_arguments
+
 
 def parse_task(spec: str) -> tuple[str, Path]:
     """`vqa:data/vqav2_val.jsonl` -> ("vqa", Path("data/vqav2_val.jsonl"))."""
@@ -68,7 +70,20 @@ def run(args: argparse.Namespace) -> int:
         source = {"predictions_file": args.predictions[i]} if args.score else {}
         loaded[path.stem] = (kind, path, records, predictions, source)
     if args.checkpoint:
-        loaded = _answer(args, loaded)
+        from megatron_mm1.config import parse_layout
+        from megatron_mm1.generate import Generator, run_elsewhere
+        from megatron_mm1.runtime import shutdown
+
+        prompts = _prompts(args, loaded)  # every prompt builds before a process starts or the model loads
+        layout = parse_layout(args.set)
+        code = run_elsewhere(args.checkpoint, layout, args.nproc, args.argv)
+        if code is not None:
+            return code
+        generator = Generator(args.checkpoint, args.tokenizer, layout, args.batch_size)
+        loaded = _answer(generator, args, loaded, prompts)
+        shutdown()
+        if generator.env.rank != 0:
+            return 0  # rank 0 reports
     results, scored = {}, []
     for name, (kind, path, records, predictions, source) in loaded.items():
         metrics, each = score(kind, records, predictions)
@@ -79,30 +94,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answer(args: argparse.Namespace, loaded: dict) -> dict:
-    """The model's prediction for every item: a few-shot prompt (megatron_mm1/eval/prompts.py),
-    greedy decoding in this process (mm1 generate's code)."""
-    from tqdm import tqdm
-
+def _prompts(args: argparse.Namespace, loaded: dict) -> dict[str, list]:
+    """Each task's few-shot prompts (megatron_mm1/eval/prompts.py): (text, image files)."""
     from megatron_mm1.config import ConfigError
-    from megatron_mm1.eval.prompts import prediction, prompt
-    from megatron_mm1.generate import Generator, check_sampling
+    from megatron_mm1.eval.prompts import prompt
+    from megatron_mm1.generate import Sampling
 
-    check_sampling(args.max_new_tokens, 0.0, 1.0)
+    Sampling(args.max_new_tokens).check()
     if args.shots < 0:
         raise ConfigError(f"--shots {args.shots} must be >= 0")
-    for kind, path, records, *_ in loaded.values():  # every prompt builds before the model loads
-        for i in range(len(records)):
-            prompt(kind, records, i, args.shots, args.seed, path.parent)
-    generator = Generator(args.checkpoint, args.tokenizer)
+    return {name: [prompt(kind, records, i, args.shots, args.seed, path.parent) for i in range(len(records))]
+            for name, (kind, path, records, *_) in loaded.items()}
+
+
+def _answer(generator, args: argparse.Namespace, loaded: dict, prompts: dict[str, list]) -> dict:
+    """The model's greedy answer to every prompt, cut at its first line break; the items are
+    spread over the data-parallel replicas and batched (megatron_mm1/generate.py)."""
+    from megatron_mm1.eval.prompts import prediction
+    from megatron_mm1.generate import Sampling
+
     source = {"checkpoint": str(generator.path), "shots": args.shots, "seed": args.seed}
     answered = {}
     for name, (kind, path, records, *_) in loaded.items():
-        predictions = []
-        for i in tqdm(range(len(records)), desc=name, unit="item", file=sys.stderr, disable=not sys.stderr.isatty()):
-            text, images = prompt(kind, records, i, args.shots, args.seed, path.parent)
-            predictions.append(prediction(generator(text, images, args.max_new_tokens)["text"]))
-        answered[name] = (kind, path, records, predictions, source)
+        if generator.env.rank == 0:
+            print(f"{name}: {len(records)} items", file=sys.stderr)
+        results = generator.generate(prompts[name], Sampling(args.max_new_tokens), progress=sys.stderr.isatty())
+        answered[name] = (kind, path, records, [prediction(r["text"]) for r in results], source)
     return answered
 
 
@@ -113,17 +130,19 @@ def add_parser(subparsers) -> None:
         description="Evaluate with the MM1 paper's metrics: CIDEr-D and BLEU-4 as the COCO caption "
         "evaluation computes them (no Java needed), the official VQA accuracy, and multiple-choice "
         "accuracy. --checkpoint: the model answers each item of the task files after --shots examples "
-        "from the same file (in this process, greedy). --score: given predictions are scored, no model. "
+        "from the same file (greedy; the items spread over the data-parallel replicas of --nproc processes). --score: given predictions are scored, no model. "
         "Task and prediction files are JSONL matched by id (docs/eval.md). Prints a table; --out also "
         "writes metrics.json and the scored predictions.jsonl.",
     )
     p.add_argument("--checkpoint", help="the model answers: a checkpoint folder, or a run folder or its "
-                   "checkpoints/ folder (the newest intact checkpoint), loaded in this process")
+                   "checkpoints/ folder (the newest intact checkpoint), loaded at the layout of --nproc/--set")
     p.add_argument("--shots", type=int, default=0, help="with --checkpoint: examples before each question, "
                    "drawn from the task file without the question (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="with --checkpoint: longest answer in tokens (default 20)")
     p.add_argument("--seed", type=int, default=0, help="with --checkpoint: seed of the examples' draw (default 0)")
     p.add_argument("--tokenizer", help="with --checkpoint: SentencePiece model (default: the checkpoint's data.tokenizer)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --checkpoint: items answered at once by each "
+                   "data-parallel replica (default 8)")
     p.add_argument("--score", action="store_true", help="score given predictions (--predictions), no model")
     p.add_argument("--task", action="append", default=[], metavar="KIND:FILE",
                    help="a task file, KIND one of caption, vqa, multiple_choice (repeatable)")
@@ -131,4 +150,5 @@ def add_parser(subparsers) -> None:
                    help="the predictions JSONL for each --task, in the same order (repeatable)")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/metrics.json and DIR/predictions.jsonl")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the table")
+    add_layout_arguments(p)
     p.set_defaults(func=run)

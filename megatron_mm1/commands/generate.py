@@ -9,26 +9,44 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_mm1.generate import Generator, check_sampling
+    from megatron_mm1.config import parse_layout
+    from megatron_mm1.generate import Generator, Sampling, run_elsewhere
+    from megatron_mm1.runtime import shutdown
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before loading the model
-    generator = Generator(args.checkpoint, args.tokenizer)
-    result = generator(args.prompt, [Path(p) for p in args.image], args.max_new_tokens, args.temperature,
-                       args.top_p, args.seed, progress=sys.stderr.isatty())
-    if args.json:
-        print(json.dumps({"checkpoint": str(generator.path), "prompt": args.prompt, "images": args.image, **result}))
-    else:
-        print(result["text"])
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    sampling.check()  # before any process starts or model loads
+    layout = parse_layout(args.set)
+    code = run_elsewhere(args.checkpoint, layout, args.nproc, args.argv)
+    if code is not None:
+        return code
+    generator = Generator(args.checkpoint, args.tokenizer, layout)
+    (result,) = generator.generate([(args.prompt, [Path(p) for p in args.image])], sampling,
+                                   progress=sys.stderr.isatty())
+    if generator.env.rank == 0:
+        if args.json:
+            print(json.dumps({"checkpoint": str(generator.path), "prompt": args.prompt, "images": args.image, **result}))
+        else:
+            print(result["text"])
+    shutdown()
     return 0
+
+
+def add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    """--nproc and --set parallel.*: where a checkpoint's model runs (`mm1 generate`, `mm1 eval`)."""
+    p.add_argument("--nproc", type=int, default=1, help="local processes to start when not under torchrun or srun "
+                   "(default 1: the checkpoint resharded to this one process)")
+    p.add_argument("--set", action="append", default=[], metavar="parallel.KEY=VALUE",
+                   help="the layout over the processes, e.g. parallel.tensor_model_parallel_size=2 (repeatable; "
+                   "unset sizes are 1, the rest of the processes is data parallel)")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="continue a prompt (text and images) with a checkpoint's model",
-        description="Continue a prompt with the model of an MM1 checkpoint saved at any layout, "
-        "resharded to this one process (fp32; a GPU if there is one). The prompt's <image> markers "
-        "say where each --image goes, as in training data. Greedy unless --temperature > 0. No KV "
+        description="Continue a prompt with the model of an MM1 checkpoint saved at any layout, loaded "
+        "at the layout given (default: one process; fp32; a GPU if there is one). The prompt's <image> "
+        "markers say where each --image goes, as in training data. Greedy unless --temperature > 0. No KV "
         "cache: each new token reruns the sequence (see docs/eval.md); for long outputs use "
         "`mm1 convert to-hf` and transformers' generate(), which this command's greedy output equals.",
     )
@@ -43,4 +61,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: data.tokenizer of the checkpoint's config)")
     p.add_argument("--json", action="store_true", help="print the prompt, the token ids and the text as JSON")
+    add_layout_arguments(p)
     p.set_defaults(func=run)

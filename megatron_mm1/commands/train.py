@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,10 +56,11 @@ def warn_if_layout_does_not_fit(cfg: Config, world_size: int, local_rank: int) -
 
 def run(args: argparse.Namespace) -> int:
     from megatron_mm1.config import config_to_dict, load_config, validate
+    from megatron_mm1.launch import under_launcher
     from megatron_mm1.runtime import dist_env, set_cuda_environment
 
     overrides = overrides_from_args(args)
-    launched = "RANK" in os.environ or "SLURM_PROCID" in os.environ
+    launched = under_launcher()
     env = dist_env()
     world_size = env.world_size if launched else args.nproc
     cfg = load_config(args.config, overrides)
