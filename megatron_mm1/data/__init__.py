@@ -1,8 +1,9 @@
-"""MM1 data pipeline: JSONL -> validated tar shards -> mixed, packed, resumable micro-batches.
+"""MM1 data pipeline: corpus -> validated tar shards -> mixed, packed, resumable micro-batches.
 
-Modules: formats (JSONL records, shards, manifest), prepare, images (CLIP preprocessing),
-tokenizer (SentencePiece, ids unk=0 bos=1 eos=2 pad=3 <image>=4), packing (the batch contract and
-the packer), mixture (weighted, per-rank sampling), loader (build_loader), demo, bench, cli.
+Modules: formats (JSONL records, shards, manifest), readers (JSONL, webdataset, LLaVA and parquet
+input), prepare, images (CLIP preprocessing), tokenizer (SentencePiece, ids unk=0 bos=1 eos=2
+pad=3 <image>=4), packing (the batch contract and the packer), mixture (weighted, per-rank
+sampling), loader (build_loader), demo, bench, cli.
 
 The batch contract the model consumes is documented in `megatron_mm1.data.packing`.
 

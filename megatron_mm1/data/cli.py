@@ -11,6 +11,26 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_mm1.data.readers import FORMATS  # light: pyarrow and PIL are imported when reading
+
+PREPARE_FORMATS = """formats (default keys in brackets):
+  jsonl                 {"type": caption|interleaved|text|chat, ...} per line; --images required
+  webdataset            img2dataset tar shards: KEY.jpg + KEY.txt -> caption
+                        [--image-key jpg,jpeg,png,webp --text-key txt]
+  llava                 LLaVA/ShareGPT4V JSON list or JSONL of {"image", "conversations"} -> chat;
+                        --images required [--image-key image --conversations-key conversations]
+  parquet-caption       an image column (bytes or {bytes, path}) and a text column -> caption
+                        [--image-key image --text-key caption,text]
+  parquet-interleaved   OBELICS: parallel lists, one null per position -> interleaved
+                        [--image-key images --text-key texts]
+
+examples:
+  mm1 data prepare --input corpus.jsonl --images /data/images --out /data/prepared
+  mm1 data prepare --format webdataset --input /data/cc12m-wds --out /data/cc12m
+  mm1 data prepare --format llava --input blip_laion_cc_sbu_558k.json --images /data/llava/images --out /data/pretrain
+  mm1 data prepare --format parquet-caption --input /data/hf/data --image-key image --text-key text --out /data/hf-prep
+"""
+
 
 def _fail(command: str, message: str) -> int:
     print(f"mm1 data {command}: {message}", file=sys.stderr)
@@ -23,7 +43,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     try:
         result = prepare(args.input, args.images, args.out, samples_per_shard=args.samples_per_shard,
-                         max_pixels=args.max_pixels, progress=not args.quiet)
+                         max_pixels=args.max_pixels, progress=not args.quiet, input_format=args.format,
+                         text_key=args.text_key, image_key=args.image_key, conversations_key=args.conversations_key)
     except (DataError, OSError) as e:
         return _fail("prepare", str(e))
     for example in result.examples:
@@ -101,11 +122,20 @@ def add_parser(subparsers) -> None:
     data.set_defaults(func=lambda args: data.print_help() or 2)  # `mm1 data` alone
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
 
-    p = sub.add_parser("prepare", help="validate a JSONL corpus and write tar shards + manifest",
-                       description="Convert JSONL records (caption, interleaved, text) and their images into "
-                                   "tar shards with a manifest. Bad records are skipped and counted.")
-    p.add_argument("--input", required=True, help="JSONL file, one record per line")
-    p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    p = sub.add_parser("prepare", help="validate a corpus (JSONL, webdataset, LLaVA, parquet), write tar shards",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert a corpus and its images into tar shards with a manifest.\n"
+                                   "Bad records are skipped and counted by reason. See docs/data.md.",
+                       epilog=PREPARE_FORMATS)
+    p.add_argument("--format", choices=FORMATS, default="jsonl", help="input format (default jsonl; see below)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="jsonl, llava: one file; webdataset, parquet-*: files or folders of *.tar / *.parquet")
+    p.add_argument("--images", help="folder the records' image paths are relative to (jsonl and llava only)")
+    p.add_argument("--text-key", help="the text's member extension (webdataset) or column (parquet); "
+                                      "comma-separated alternatives, the first present is used")
+    p.add_argument("--image-key", help="the image's member extension (webdataset), field (llava) or column "
+                                       "(parquet); comma-separated alternatives, the first present is used")
+    p.add_argument("--conversations-key", help="llava: the conversation list's field (default conversations)")
     p.add_argument("--out", required=True, help="output folder (must not already hold prepared data)")
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per tar shard (default 10000)")
     p.add_argument("--max-pixels", type=int, default=100_000_000,

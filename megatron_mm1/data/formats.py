@@ -7,6 +7,9 @@ Input JSONL, one record per line (image paths relative to an images folder):
     {"type": "chat", "messages": [{"role": "system"|"user"|"assistant",
                                    "content": STR | [{"text": STR} | {"image": PATH}, ...]}, ...]}
 
+Other input formats (webdataset shards, LLaVA conversations, parquet) are read by readers.py
+into the same Records.
+
 Prepared folder (webdataset layout, plain tar):
     manifest.json                      counts, shard sizes and sha256 checksums
     {kind}-{n:06d}.tar                 one shard series per kind
@@ -104,6 +107,11 @@ def parse_record(line: str) -> Record:
         obj = json.loads(line)
     except ValueError as e:
         raise RecordRejected("malformed_json", str(e)) from None
+    return record_from_object(obj)
+
+
+def record_from_object(obj: Any) -> Record:
+    """Validate one parsed record (a JSONL line's object); raise RecordRejected (invalid_record, empty_text)."""
     if not isinstance(obj, dict):
         raise RecordRejected("invalid_record", "a record must be a JSON object")
     kind = obj.get("type")

@@ -1,7 +1,10 @@
-"""`mm1 data prepare`: validate a JSONL corpus and its images, write tar shards and a manifest.
+"""`mm1 data prepare`: validate a corpus and its images, write tar shards and a manifest.
 
-Every bad record is skipped and counted under one reason (the first problem found); nothing in
-the input can stop the run. Images are fully decoded once here so that training never meets an
+The input is read by one of readers.py's readers (jsonl, webdataset, llava, parquet-caption,
+parquet-interleaved); one loop here checks and writes the samples of all of them.
+
+Every bad record is skipped and counted under one reason (the first problem found); no record
+can stop the run. Images are fully decoded once here so that training never meets an
 undecodable one; the original bytes are stored, so the shards do not depend on the image size.
 """
 
@@ -11,6 +14,7 @@ import io
 import json
 import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +26,12 @@ from megatron_mm1.data.formats import (
     MANIFEST,
     DataError,
     RecordRejected,
-    parse_record,
     sha256_file,
     shard_name,
     write_manifest,
 )
 from megatron_mm1.data.images import MAX_IMAGE_PIXELS, ImageRejected, load_image
+from megatron_mm1.data.readers import Sample, open_source
 
 # PIL format name -> file extension used inside the shard.
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -37,7 +41,7 @@ _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP":
 class PrepareResult:
     written: int = 0
     skipped_by_reason: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)  # a few "line N: reason: detail" for the report
+    examples: list[str] = field(default_factory=list)  # a few "where: reason: detail" for the report
 
     @property
     def skipped(self) -> int:
@@ -86,17 +90,20 @@ class _ShardWriter:
         shard["sha256"] = sha256_file(self.root / shard["name"])
 
 
-def _read_images(record, images_dir: Path, max_pixels: int) -> list[bytes]:
+def _checked_images(sample: Sample, max_pixels: int) -> list[bytes]:
+    """The sample's image bytes, each fully decoded once; raise RecordRejected for the first bad one."""
     blobs = []
-    for rel in record.image_paths:
-        path = images_dir / rel
-        if not path.is_file():
-            raise RecordRejected("missing_image", str(path))
-        data = path.read_bytes()
+    for j, image in enumerate(sample.images):
+        if isinstance(image, Path):
+            if not image.is_file():
+                raise RecordRejected("missing_image", str(image))
+            label, data = str(image), image.read_bytes()
+        else:
+            label, data = f"image {j}", image
         try:
             load_image(data, max_pixels)
         except ImageRejected as e:
-            raise RecordRejected(e.reason, f"{path}: {e}") from None
+            raise RecordRejected(e.reason, f"{label}: {e}") from None
         blobs.append(data)
     return blobs
 
@@ -109,55 +116,53 @@ def _extension(data: bytes) -> str:
 
 
 def prepare(
-    input_path: str | Path,
-    images_dir: str | Path,
+    input_path: str | Path | Sequence[str | Path],
+    images_dir: str | Path | None,
     out_dir: str | Path,
     samples_per_shard: int = 10_000,
     max_shard_bytes: int = 1 << 30,
     max_pixels: int = MAX_IMAGE_PIXELS,
     progress: bool = True,
+    input_format: str = "jsonl",
+    text_key: str | None = None,
+    image_key: str | None = None,
+    conversations_key: str | None = None,
 ) -> PrepareResult:
-    """Convert a JSONL corpus into shards under out_dir; return the counts (also in the manifest)."""
-    input_path, images_dir, out_dir = Path(input_path), Path(images_dir), Path(out_dir)
-    if not input_path.is_file():
-        raise DataError(f"input file {input_path} does not exist")
-    if not images_dir.is_dir():
-        raise DataError(f"images folder {images_dir} does not exist")
+    """Convert a corpus (readers.FORMATS) into shards under out_dir; return the counts (also in the manifest).
+
+    images_dir is the folder jsonl and llava image paths are relative to (None for the formats
+    that carry their images); the keys are comma-separated field names, None for the defaults.
+    """
+    source = open_source(input_format, input_path, images_dir, text_key, image_key, conversations_key)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.glob("*.tar")) or (out_dir / MANIFEST).exists():
         raise DataError(f"{out_dir} already holds prepared data; choose an empty --out folder")
 
     writers = {k: _ShardWriter(out_dir, k, samples_per_shard, max_shard_bytes) for k in KINDS}
     result = PrepareResult()
-    total = input_path.stat().st_size
-    with open(input_path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="prepare",
-                                           disable=not progress) as bar:
-        for line_no, raw in enumerate(f, start=1):
-            bar.update(len(raw))
-            if not raw.strip():
-                continue  # blank lines are layout, not records
+    with tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
+        for sample in source.samples():
+            bar.update(sample.done - bar.n)
             try:
-                record = parse_record(raw.decode("utf-8"))
-                blobs = _read_images(record, images_dir, max_pixels)
-            except UnicodeDecodeError:
-                result.skipped_by_reason["malformed_json"] += 1
-                continue
+                if isinstance(sample.record, RecordRejected):
+                    raise sample.record
+                blobs = _checked_images(sample, max_pixels)
             except RecordRejected as e:
                 result.skipped_by_reason[e.reason] += 1
                 if len(result.examples) < 10:
-                    result.examples.append(f"line {line_no}: {e}")
+                    result.examples.append(f"{sample.where}: {e}")
                 continue
-            key = f"{line_no:09d}"
             segments, members, j = [], [], 0
-            for seg in record.segments:
+            for seg in sample.record.segments:
                 if "image" in seg:
-                    name = f"{key}.img{j}.{_extension(blobs[j])}"
+                    name = f"{sample.key}.img{j}.{_extension(blobs[j])}"
                     members.append((name, blobs[j]))
                     segments.append({"image": name})
                     j += 1
                 else:
                     segments.append(seg)
-            writers[record.kind].write(key, segments, members)
+            writers[sample.record.kind].write(sample.key, segments, members)
             result.written += 1
             bar.set_postfix(written=result.written, skipped=result.skipped, refresh=False)
 
@@ -170,6 +175,6 @@ def prepare(
                 "images": sum(s["images"] for s in w.shards),
                 "shards": w.shards,
             }
-    write_manifest(out_dir, {"version": FORMAT_VERSION, "source": str(input_path), "kinds": kinds,
+    write_manifest(out_dir, {"version": FORMAT_VERSION, "source": source.describe(), "kinds": kinds,
                              **result.summary()})
     return result
