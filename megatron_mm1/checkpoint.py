@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_mm1.config import Config, ConfigError, _build, config_to_dict
+from megatron_mm1.config import Config, ConfigError, RunRefused, _build, config_to_dict
 
 if TYPE_CHECKING:
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
@@ -561,9 +561,10 @@ def verify_checkpoint(path: Path, only: str = "", workers: int = 4, progress: bo
 
 
 def checkpoint_folders(path: Path) -> list[Path]:
-    """What `--checkpoint PATH` names: one checkpoint (a folder with config.yaml), or a run folder
-    or its checkpoints/ folder, whose checkpoints come in --resume auto's order."""
-    if (path / "config.yaml").is_file():
+    """What `--checkpoint PATH` names: a run folder or its checkpoints/ folder, whose checkpoints
+    come in --resume auto's order, or one checkpoint (a folder with config.yaml). A run folder
+    has a config.yaml too when a Slurm job wrote it (the resolved config): checkpoints/ decides."""
+    if (path / "config.yaml").is_file() and not (path / "checkpoints").is_dir():
         return [path]
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = resume_candidates(root)
@@ -581,6 +582,7 @@ def intact_checkpoint(path: Path, only: str = "", progress: bool = False, collec
     calls it and checks a share of the files (verify_collective); rank 0 prints the notes."""
     folders = checkpoint_folders(path)
     speaks = not collective or torch.distributed.get_rank() == 0
+    refused = RunRefused if collective else ConfigError  # a collective verdict is the same on every rank
     for ckpt in folders:
         if not (ckpt / MANIFEST).is_file() and len(folders) == 1:
             if speaks:
@@ -593,10 +595,10 @@ def intact_checkpoint(path: Path, only: str = "", progress: bool = False, collec
         if not damaged:
             return ckpt
         if len(folders) == 1:
-            raise ConfigError(f"{ckpt} is damaged: {'; '.join(damaged[:3])} (`mm1 checkpoint verify` lists all)")
+            raise refused(f"{ckpt} is damaged: {'; '.join(damaged[:3])} (`mm1 checkpoint verify` lists all)")
         if speaks:
             print(f"note: passing over {ckpt}, damaged: {'; '.join(damaged[:3])}", file=sys.stderr)
-    raise ConfigError(f"no intact checkpoint in {path} (`mm1 checkpoint verify {path}` lists what is damaged)")
+    raise refused(f"no intact checkpoint in {path} (`mm1 checkpoint verify {path}` lists what is damaged)")
 
 
 def verify_collective(path: Path, only: str = "") -> list[str]:

@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_mm1.config import ConfigError
-    from megatron_mm1.runtime import quiet_third_party_warnings
+    from megatron_mm1.config import ConfigError, RunRefused
+    from megatron_mm1.runtime import dist_env, quiet_third_party_warnings
 
     quiet_third_party_warnings()
     parser = build_parser()
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"mm1 {args.command}: {e}", file=sys.stderr)
+        if not isinstance(e, RunRefused) or dist_env().rank == 0:
+            print(f"mm1 {args.command}: {e}", file=sys.stderr)
         return 2
 
 

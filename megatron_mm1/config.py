@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
+class RunRefused(ConfigError):
+    """A reason to stop that every rank of a run finds alike (a verdict shared through a
+    collective, or a check of the same files); rank 0 alone reports it."""
+
+
 @dataclass
 class VisionConfig:
     """ViT image encoder: CLIP's (a class token and a LayerNorm before the layers) or SigLIP's

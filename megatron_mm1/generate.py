@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_mm1.config import Config, ConfigError, ParallelConfig, validate
+from megatron_mm1.config import Config, ConfigError, ParallelConfig, RunRefused, validate
 from megatron_mm1.data.images import ImageRejected, load_image, preprocess
 from megatron_mm1.data.packing import attention_mask_from_segments, encode_sample
 from megatron_mm1.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -216,7 +216,7 @@ class Generator:
                                                       error is not None)
             if failed:  # every rank stops, with the message of the first that failed
                 failures = gather_failures(error)
-                raise ConfigError(failures[min(failures)].split(": ", 1)[1])
+                raise RunRefused(failures[min(failures)].split(": ", 1)[1])
             if rows == 0:
                 return finished
             logits = self._next_logits(active, rows, length)
@@ -276,20 +276,37 @@ class Generator:
         return out[0][: len(active), : self.tokenizer.vocab_size].float().cpu()
 
 
+def check_layout(checkpoint: str | Path, layout: ParallelConfig, world_size: int) -> Config:
+    """The config of the checkpoint `checkpoint` names (its newest, for a run) at `layout` over
+    `world_size` processes; ConfigError when they do not fit, before any process starts."""
+    from megatron_mm1.checkpoint import checkpoint_folders, load_checkpoint_config
+
+    cfg = inference_config(load_checkpoint_config(checkpoint_folders(Path(checkpoint))[0]), layout, world_size)
+    if not torch.cuda.is_available():
+        from megatron_mm1 import cpu_compat
+
+        cpu_compat.check_layout(cfg)  # what init_runtime would refuse in every process
+    return cfg
+
+
+def dry_run(checkpoint: str | Path, layout: ParallelConfig, world_size: int) -> dict:
+    """What `--dry-run` prints: the layout checked for `world_size` processes."""
+    from megatron_mm1.config import data_parallel_size
+
+    cfg = check_layout(checkpoint, layout, world_size)
+    return {"checkpoint": str(checkpoint), "world_size": world_size, "parallel": dataclasses.asdict(layout),
+            "data_parallel_size": data_parallel_size(cfg, world_size)}
+
+
 def run_elsewhere(checkpoint: str | Path, layout: ParallelConfig, nproc: int, argv: list[str]) -> int | None:
     """`--nproc N` outside torchrun or srun: check the layout against the checkpoint's model,
     then run the command `argv` (`mm1 ARGV`) in N local processes and return their exit code.
     None: run it in this process (one process, or a rank of a launched run)."""
-    from megatron_mm1.checkpoint import checkpoint_folders, load_checkpoint_config
     from megatron_mm1.launch import launch_local, under_launcher
 
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc} must be >= 1")
     if under_launcher() or nproc == 1:
         return None
-    cfg = inference_config(load_checkpoint_config(checkpoint_folders(Path(checkpoint))[0]), layout, nproc)
-    if not torch.cuda.is_available():
-        from megatron_mm1 import cpu_compat
-
-        cpu_compat.check_layout(cfg)  # what init_runtime would refuse in every process
+    check_layout(checkpoint, layout, nproc)
     return launch_local(nproc, "megatron_mm1.cli", argv)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_mm1 import checkpoint as ckpt
-from megatron_mm1.config import Config, ConfigError, data_parallel_size, load_config
+from megatron_mm1.config import Config, ConfigError, RunRefused, data_parallel_size, load_config
 from megatron_mm1.device import device, to_device
 from megatron_mm1.watchdog import HangWatchdog
 
@@ -32,11 +32,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 EXIT_NONFINITE = 3
 EXIT_SAVE_FAILED = 74  # EX_IOERR
 EXIT_RECORD = "exit.json"  # {"code", "step", "message"}, written by rank 0 as the run ends
-
-
-class RunRefused(ConfigError):
-    """A reason not to start that every rank finds alike (a verdict broadcast from rank 0, or a
-    check of the same files); rank 0 alone reports it."""
 
 
 class StopSignal:

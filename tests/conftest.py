@@ -27,6 +27,24 @@ def torchrun(nproc: int, *args: str, timeout: float = 600) -> subprocess.Complet
     return run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", *args], timeout=timeout)
 
 
+def colour_tasks(folder: Path) -> list[str]:
+    """A caption and a VQA task file of three plain-colour images in `folder`: their kinds."""
+    import json
+
+    from PIL import Image
+
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 200, 30)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (40, 40), rgb).save(folder / f"{name}.png")
+    tasks = {
+        "caption": [{"id": n, "image": f"{n}.png", "references": [f"a {n} square", f"the {n} photo"]} for n in colours],
+        "vqa": [{"id": n, "image": f"{n}.png", "question": "what colour is it?", "answers": [n] * 10} for n in colours],
+    }
+    for kind, items in tasks.items():
+        (folder / f"{kind}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    return list(tasks)
+
+
 @pytest.fixture(scope="module")
 def single_process_runtime():
     """One process's megatron runtime (tiny preset) for in-process model tests; torn down

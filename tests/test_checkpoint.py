@@ -77,6 +77,8 @@ def test_a_checkpoint_argument_names_one_checkpoint_or_a_runs_newest_intact_one(
     newest = _checkpoint(run / "checkpoints", "step_0000004")
     assert checkpoint_folders(newest) == [newest]
     assert checkpoint_folders(run) == checkpoint_folders(run / "checkpoints") == [newest, older]
+    (run / "config.yaml").write_text("{}")  # a Slurm job's record of the resolved config
+    assert checkpoint_folders(run) == [newest, older]
     assert intact_checkpoint(run) == newest
     (newest / "model" / "__0_0.distcp").write_bytes(b"damaged")
     assert intact_checkpoint(run) == older

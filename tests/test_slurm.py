@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import ROOT, run
+from conftest import ROOT, colour_tasks, run
 
 MM1 = [sys.executable, "-m", "megatron_mm1.cli"]
 STEPS = 8
@@ -294,3 +294,33 @@ def test_convert_script_exports_the_newest_checkpoint(whole_run, tmp_path):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert f"checkpoints/{latest} -> {tmp_path / 'hf'}" in text and "done" in text
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_eval_script_answers_on_two_nodes_as_one_process_does(whole_run, tmp_path):
+    """slurm/eval.sbatch, its cluster block set for CPUs as an operator would: `mm1 eval` over
+    both nodes (two data-parallel replicas meeting at the first node) scores the run's newest
+    checkpoint, and each item's answer is the one a single local process gives."""
+    out, _ = whole_run
+    kinds = colour_tasks(tmp_path)
+    script = (ROOT / "slurm" / "eval.sbatch").read_text()
+    for gpu, cpu in (("#SBATCH --gpus-per-node=8", "##SBATCH --gpus-per-node=8"),
+                     ("#SBATCH --ntasks-per-node=8", "#SBATCH --ntasks-per-node=1"),
+                     ("GPUS_PER_NODE=8 ", "GPUS_PER_NODE=1 "), ("DEVICE=gpu ", "DEVICE=cpu ")):
+        assert gpu in script
+        script = script.replace(gpu, cpu, 1)
+    (tmp_path / "eval.sbatch").write_text(script)
+    tasks = " ".join(f"{k}:{tmp_path / k}.jsonl" for k in kinds)
+    env = {**os.environ, "RUN": str(out), "TASKS": tasks, "SHOTS": "1", "MAX_NEW_TOKENS": "3", "BATCH_SIZE": "2",
+           "EVAL_OUT": str(tmp_path / "slurm-eval"), "REPO": str(ROOT), "PYTHON": sys.executable}
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/eval-%j.out",
+                           str(tmp_path / "eval.sbatch")], check=True, capture_output=True, text=True, env=env, timeout=60)
+    job_id = proc.stdout.strip()
+    info = wait_job(job_id, out)
+    text = (tmp_path / f"eval-{job_id}.out").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", (info, text[-3000:])
+    assert '"data_parallel_size": 2' in text and "done" in text  # the dry run's check, then the job
+    run([*MM1, "eval", "--checkpoint", str(out), "--shots", "1", "--max-new-tokens", "3", "--out", str(tmp_path / "local"),
+         *(a for k in kinds for a in ("--task", f"{k}:{tmp_path / k}.jsonl"))])
+    answers = {folder: [json.loads(line)["prediction"] for line in (tmp_path / folder / "predictions.jsonl").read_text().splitlines()]
+               for folder in ("slurm-eval", "local")}
+    assert answers["slurm-eval"] == answers["local"] and len(answers["local"]) == 6

@@ -71,11 +71,15 @@ def run(args: argparse.Namespace) -> int:
         loaded[path.stem] = (kind, path, records, predictions, source)
     if args.checkpoint:
         from megatron_mm1.config import parse_layout
-        from megatron_mm1.generate import Generator, run_elsewhere
+        from megatron_mm1.generate import Generator, dry_run, run_elsewhere
         from megatron_mm1.runtime import shutdown
 
         prompts = _prompts(args, loaded)  # every prompt builds before a process starts or the model loads
         layout = parse_layout(args.set)
+        if args.dry_run:
+            tasks = {name: len(records) for name, (_, _, records, *_) in loaded.items()}
+            print(json.dumps({**dry_run(args.checkpoint, layout, args.nproc), "tasks": tasks}, indent=1))
+            return 0
         code = run_elsewhere(args.checkpoint, layout, args.nproc, args.argv)
         if code is not None:
             return code

@@ -10,12 +10,15 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from megatron_mm1.config import parse_layout
-    from megatron_mm1.generate import Generator, Sampling, run_elsewhere
+    from megatron_mm1.generate import Generator, Sampling, dry_run, run_elsewhere
     from megatron_mm1.runtime import shutdown
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     sampling.check()  # before any process starts or model loads
     layout = parse_layout(args.set)
+    if args.dry_run:
+        print(json.dumps(dry_run(args.checkpoint, layout, args.nproc), indent=1))
+        return 0
     code = run_elsewhere(args.checkpoint, layout, args.nproc, args.argv)
     if code is not None:
         return code
@@ -38,6 +41,8 @@ def add_layout_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="parallel.KEY=VALUE",
                    help="the layout over the processes, e.g. parallel.tensor_model_parallel_size=2 (repeatable; "
                    "unset sizes are 1, the rest of the processes is data parallel)")
+    p.add_argument("--dry-run", action="store_true", help="check the layout against the checkpoint for --nproc "
+                   "processes, print it and the data-parallel size; start nothing")
 
 
 def add_parser(subparsers) -> None:
