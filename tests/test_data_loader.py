@@ -147,10 +147,10 @@ def test_configuration_errors_are_clear(demo, tmp_path):
 def test_truncated_shard_is_rejected_with_a_message(demo, tmp_path):
     copy = tmp_path / "data"
     prepare(demo / "raw" / "demo.jsonl", demo / "raw" / "images", copy, progress=False)
-    shard = copy / "caption-000000.tar"
+    shard = copy / "caption-u000000-0000.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
     cfg = load_config("tiny", [f"data.path={copy}", f"data.tokenizer={demo / 'tokenizer.model'}"])
-    with pytest.raises(DataError, match="caption-000000.tar is 5000 bytes .* truncated"):
+    with pytest.raises(DataError, match="caption-u000000-0000.tar is 5000 bytes .* truncated"):
         build_loader(cfg)
 
 

@@ -108,9 +108,11 @@ def test_user_errors_are_messages_not_tracebacks(messy, capsys):
     assert run_cli(args + ["--input", str(messy / "absent.jsonl")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert run_cli(args + ["--input", str(messy / "in.jsonl")]) == 0
-    assert run_cli(args + ["--input", str(messy / "in.jsonl")]) == 1  # refuses to overwrite
+    assert run_cli(args + ["--input", str(messy / "in.jsonl")]) == 0  # the same preparation: nothing to do
+    assert "already holds this preparation" in capsys.readouterr().out
+    assert run_cli(args + ["--input", str(messy / "in.jsonl"), "--samples-per-shard", "2"]) == 1  # another one
     err = capsys.readouterr().err
-    assert "already holds prepared data" in err and "Traceback" not in err
+    assert "already holds prepared data (samples_per_shard: 10000 there, 2 here)" in err and "Traceback" not in err
 
 
 def test_shards_roll_over_and_are_reproducible(messy):
@@ -121,22 +123,22 @@ def test_shards_roll_over_and_are_reproducible(messy):
     assert [s["samples"] for s in manifest_a["kinds"]["caption"]["shards"]] == [2, 2, 1]
     shards = lambda m: [(s["name"], s["sha256"]) for k in m["kinds"].values() for s in k["shards"]]  # noqa: E731
     assert shards(manifest_a) == shards(manifest_b)  # byte-identical output
-    with tarfile.open(messy / "a" / "caption-000000.tar") as tar:  # webdataset layout: key.ext
+    with tarfile.open(messy / "a" / "caption-u000000-0000.tar") as tar:  # webdataset layout: key.ext
         assert [m.name.split(".", 1)[1] for m in tar.getmembers()] == ["img0.png", "json", "img0.png", "json"]
 
 
 def test_damaged_shards_are_detected(messy, capsys):
     prepare(messy / "in.jsonl", messy / "images", messy / "out", progress=False)
-    shard = messy / "out" / "caption-000000.tar"
+    shard = messy / "out" / "caption-u000000-0000.tar"
     data = shard.read_bytes()
     assert run_cli(["data", "verify", "--data", str(messy / "out"), "--quiet"]) == 0
     shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
-    assert verify_checksums(messy / "out") == ["caption-000000.tar"]
+    assert verify_checksums(messy / "out") == ["caption-u000000-0000.tar"]
     capsys.readouterr()
     assert run_cli(["data", "verify", "--data", str(messy / "out"), "--json", "--quiet"]) == 1
     out, err = capsys.readouterr()
-    assert json.loads(out.splitlines()[-1])["damaged"] == ["caption-000000.tar"]
-    assert "caption-000000.tar" in err and "re-run `mm1 data prepare`" in err
+    assert json.loads(out.splitlines()[-1])["damaged"] == ["caption-u000000-0000.tar"]
+    assert "caption-u000000-0000.tar" in err and "re-run `mm1 data prepare`" in err
     shard.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(DataError, match="truncated or modified"):
         load_manifest(messy / "out")

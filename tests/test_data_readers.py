@@ -117,10 +117,16 @@ def test_webdataset_shards_become_captions(shards, tmp_path):
     assert any(e.startswith("00000.tar key 002: missing_image") for e in result.examples)
     assert "00001.tar: truncated_shard: cut inside sample 012" in "\n".join(result.examples)
 
-    # Samples are numbered in reading order, rejected ones included: the same input, the same keys.
-    with tarfile.open(tmp_path / "out" / "caption-000000.tar") as tar:
-        keys = [m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json")]
-    assert keys == ["000000000", "000000001", "000000007", "000000008", "000000009", "000000012"]
+    # A key is the file's number and the sample's position in it, rejected ones included: the same
+    # input, the same keys. Each input file is a unit, with shards of its own.
+    keys = []
+    for shard in manifest["kinds"]["caption"]["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            keys += [m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert keys == ["000000000000000", "000000000000001", "000000000000007",  # 00000.tar
+                    "000001000000000", "000001000000001", "000003000000000"]  # 00001.tar, 00003.tar
+    assert [s["name"] for s in manifest["kinds"]["caption"]["shards"]] == [
+        "caption-u000000-0000.tar", "caption-u000001-0000.tar", "caption-u000003-0000.tar"]
 
 
 def test_webdataset_keys_choose_the_members(shards, tmp_path):

@@ -1,8 +1,8 @@
-"""The Slurm launcher (`mm1 submit`, slurm/train.sbatch) against a real two-node Slurm cluster
+"""The Slurm scripts (`mm1 submit` and slurm/*.sbatch) against a real two-node Slurm cluster
 started on this machine (tests/slurm_cluster.py): a run to completion on both nodes, a
 preemption (checkpoint, requeue, resume, the uninterrupted run's losses), a node that
-never joins the rendezvous, and the rendered script for mm1-30b on 64 x 8 GPUs with the planner's
-memory check of its layout."""
+never joins the rendezvous, the rendered script for mm1-30b on 64 x 8 GPUs with the planner's
+memory check of its layout, and the conversion, evaluation and data-preparation scripts."""
 
 from __future__ import annotations
 
@@ -324,3 +324,35 @@ def test_eval_script_answers_on_two_nodes_as_one_process_does(whole_run, tmp_pat
     answers = {folder: [json.loads(line)["prediction"] for line in (tmp_path / folder / "predictions.jsonl").read_text().splitlines()]
                for folder in ("slurm-eval", "local")}
     assert answers["slurm-eval"] == answers["local"] and len(answers["local"]) == 6
+
+
+def test_prepare_script_array_and_merge_give_the_one_process_folder(cluster, tmp_path):
+    """slurm/prepare.sbatch as a two-task array: each task prepares its units, the merge job the
+    first task queued combines them, and the folder is byte for byte the one a single local
+    `mm1 data prepare` writes."""
+    from megatron_mm1.data.demo import write_corpus
+
+    corpus = write_corpus(tmp_path, num_captions=30, num_interleaved=10, num_text=10, seed=3)
+    images, unit = str(corpus.parent / "images"), ["--unit-samples", "8"]
+    run([*MM1, "data", "prepare", "--input", str(corpus), "--images", images, "--out", str(tmp_path / "local"),
+         "--quiet", *unit])
+    env = {**os.environ, "FORMAT": "jsonl", "INPUT": str(corpus), "IMAGES": images, "OUT": str(tmp_path / "slurm"),
+           "EXTRA": " ".join(unit), "REPO": str(ROOT), "PYTHON": sys.executable}
+    proc = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1",
+                           f"--output={tmp_path}/prepare-%A_%a.out", str(ROOT / "slurm" / "prepare.sbatch")],
+                          check=True, capture_output=True, text=True, env=env, timeout=60)
+    array = proc.stdout.strip()
+    end = time.time() + 240
+    while not (merged := re.search(r"merge job (\d+) queued", "".join(
+            p.read_text(errors="replace") for p in tmp_path.glob(f"prepare-{array}_*.out")))):
+        assert time.time() < end, describe(array, tmp_path)
+        time.sleep(1)
+    info = wait_job(merged.group(1), tmp_path)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(tmp_path.glob("*.out")))
+    assert info["JobState"] == "COMPLETED", (info, logs)
+    assert "task 0 of 2" in logs and "task 1 of 2" in logs
+
+    def tree(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    assert tree(tmp_path / "slurm") == tree(tmp_path / "local")

@@ -1,4 +1,4 @@
-"""`mm1 data ...`: prepare, verify, train-tokenizer, demo, bench.
+"""`mm1 data ...`: prepare, merge, verify, train-tokenizer, demo, bench.
 
 Imports of the data modules (PIL, sentencepiece, torch) happen inside the commands so that
 `mm1 --help` stays fast.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,12 @@ examples:
   mm1 data prepare --format webdataset --input /data/cc12m-wds --out /data/cc12m
   mm1 data prepare --format llava --input blip_laion_cc_sbu_558k.json --images /data/llava/images --out /data/pretrain
   mm1 data prepare --format parquet-caption --input /data/hf/data --image-key image --text-key text --out /data/hf-prep
+
+at scale (see docs/data.md, "Preparing at scale"): the output is the same whatever N and T are
+  mm1 data prepare --format webdataset --input /data/laion --out /data/laion-prep --workers 16
+  mm1 data prepare ... --num-tasks 16 --task-index I    # or from a Slurm array: SLURM_ARRAY_TASK_ID/COUNT
+  mm1 data merge --data /data/laion-prep                # once all 16 tasks are done
+an interrupted run continues where it stopped when run again with the same arguments
 """
 
 
@@ -37,23 +44,85 @@ def _fail(command: str, message: str) -> int:
     return 1
 
 
+def _task(args: argparse.Namespace) -> tuple[int, int, str]:
+    """(num_tasks, task_index, where they came from): the flags, else a Slurm job array's
+    SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID, else one task."""
+    from megatron_mm1.data.formats import DataError
+
+    origins = []
+
+    def pick(flag_value: int | None, flag: str, variable: str) -> int | None:
+        if flag_value is not None:
+            origins.append(flag)
+            return flag_value
+        if variable not in os.environ:
+            return None
+        origins.append(variable)
+        try:
+            return int(os.environ[variable])
+        except ValueError:
+            raise DataError(f"{variable}={os.environ[variable]!r} is not a number") from None
+
+    num_tasks = pick(args.num_tasks, "--num-tasks", "SLURM_ARRAY_TASK_COUNT")
+    task_index = pick(args.task_index, "--task-index", "SLURM_ARRAY_TASK_ID")
+    if num_tasks is None and task_index is not None:
+        raise DataError(f"{origins[0]} needs --num-tasks (or SLURM_ARRAY_TASK_COUNT)")
+    if task_index is None and (num_tasks or 1) > 1:
+        raise DataError(f"{num_tasks} tasks ({origins[0]}) need --task-index (or SLURM_ARRAY_TASK_ID)")
+    return num_tasks or 1, task_index or 0, ", ".join(origins)
+
+
+def _report(result, args: argparse.Namespace, head: str, tail: str = "") -> None:
+    """The skipped records' examples (stderr), then the summary line "HEAD: counts TAIL", or with
+    --json the counts as JSON."""
+    for example in result.examples:
+        print(f"skipped {example}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.summary()))
+        return
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_by_reason.items()))
+    print(f"{head}: {result.written} samples written, {result.skipped} skipped" + (f" ({reasons})" if reasons else "")
+          + tail)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from megatron_mm1.data.formats import DataError
     from megatron_mm1.data.prepare import prepare
 
     try:
+        num_tasks, task_index, origin = _task(args)
+        if num_tasks > 1:
+            print(f"mm1 data prepare: task {task_index} of {num_tasks} (from {origin})", file=sys.stderr)
         result = prepare(args.input, args.images, args.out, samples_per_shard=args.samples_per_shard,
                          max_pixels=args.max_pixels, progress=not args.quiet, input_format=args.format,
-                         text_key=args.text_key, image_key=args.image_key, conversations_key=args.conversations_key)
+                         text_key=args.text_key, image_key=args.image_key, conversations_key=args.conversations_key,
+                         workers=args.workers, num_tasks=num_tasks, task_index=task_index,
+                         unit_samples=args.unit_samples)
     except (DataError, OSError) as e:
         return _fail("prepare", str(e))
-    for example in result.examples:
-        print(f"skipped {example}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result.summary()))
+    resumed = f" ({result.resumed} committed by an earlier run)" if result.resumed else ""
+    if result.already_prepared:
+        _report(result, args, f"{args.out} already holds this preparation ({result.units} units), nothing to do")
+    elif num_tasks > 1:
+        _report(result, args, f"task {task_index} of {num_tasks}: {result.units} units{resumed}",
+                f"; once all {num_tasks} tasks are done: mm1 data merge --data {args.out}")
     else:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_by_reason.items()))
-        print(f"wrote {result.written} samples to {args.out}; skipped {result.skipped}" + (f" ({reasons})" if reasons else ""))
+        _report(result, args, f"prepared {args.out}: {result.units} units{resumed}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from megatron_mm1.data.formats import DataError
+    from megatron_mm1.data.prepare import merge
+
+    try:
+        result = merge(args.data)
+    except (DataError, OSError) as e:
+        return _fail("merge", str(e))
+    if result.already_prepared:
+        _report(result, args, f"{args.data} is already merged ({result.units} units), nothing to do")
+    else:
+        _report(result, args, f"merged {result.units} units into {args.data}")
     return 0
 
 
@@ -136,14 +205,36 @@ def add_parser(subparsers) -> None:
     p.add_argument("--image-key", help="the image's member extension (webdataset), field (llava) or column "
                                        "(parquet); comma-separated alternatives, the first present is used")
     p.add_argument("--conversations-key", help="llava: the conversation list's field (default conversations)")
-    p.add_argument("--out", required=True, help="output folder (must not already hold prepared data)")
-    p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per tar shard (default 10000)")
+    p.add_argument("--out", required=True,
+                   help="output folder: empty, or holding this same preparation (which then continues)")
+    p.add_argument("--samples-per-shard", type=int, default=10_000,
+                   help="at most this many samples per tar shard (default 10000); each unit has its own shards")
+    p.add_argument("--unit-samples", type=int, default=10_000,
+                   help="lines (jsonl, llava JSONL), rows (parquet) or records (llava JSON list) per unit of work "
+                        "(default 10000); a webdataset unit is one input file. Changes the shards, not the samples")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes preparing units on this machine (default 1); the output does not depend on it")
+    p.add_argument("--num-tasks", type=int,
+                   help="split the units among this many tasks, each run on its own (default "
+                        "SLURM_ARRAY_TASK_COUNT, else 1); then `mm1 data merge`")
+    p.add_argument("--task-index", type=int,
+                   help="this task's index, 0..num-tasks-1 (default SLURM_ARRAY_TASK_ID)")
     p.add_argument("--max-pixels", type=int, default=100_000_000,
                    help="skip images larger than this many pixels, read from the header (default 1e8)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary {written, skipped, skipped_by_reason} as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("merge", help="combine the parts of a --num-tasks preparation into its manifest",
+                       description="Combine the part-manifests that the `mm1 data prepare --num-tasks T` tasks "
+                                   "wrote into OUT/parts into OUT/manifest.json, the shards in the order one task "
+                                   "would have written them. Refuses, naming them, parts that are missing, "
+                                   "unfinished or made with other settings.")
+    p.add_argument("--data", required=True, help="the --out folder of the tasks")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary {written, skipped, skipped_by_reason} as the last line")
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("verify", help="check every shard of a prepared folder against the manifest's sha256",
                        description="Hash every shard of a prepared folder and compare with the sha256 its "

@@ -11,8 +11,10 @@ Other input formats (webdataset shards, LLaVA conversations, parquet) are read b
 into the same Records.
 
 Prepared folder (webdataset layout, plain tar):
-    manifest.json                      counts, shard sizes and sha256 checksums
-    {kind}-{n:06d}.tar                 one shard series per kind
+    manifest.json                      counts, shard sizes and sha256 checksums, in training order
+    {kind}-u{unit:06d}-{n:04d}.tar     the n-th shard of one kind from input unit `unit` (readers.Unit);
+                                       folders prepared before units were named {kind}-{n:06d}.tar: the
+                                       loader reads whatever names the manifest lists
         {key}.json                     {"kind": ..., "segments": [{"text": s} | {"image": member}]}
         {key}.img{j}.{ext}             the j-th image's original bytes (validated at preparation)
 Every kind is normalised to a segment list: a caption is [image, text], a text document [text].
@@ -26,6 +28,7 @@ import bisect
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -143,8 +146,17 @@ def record_from_object(obj: Any) -> Record:
     return Record(kind, segments)
 
 
-def shard_name(kind: str, index: int) -> str:
-    return f"{kind}-{index:06d}.tar"
+_SHARD_NAME = re.compile(rf"({'|'.join(KINDS)})-u(\d+)-\d+\.tar")
+
+
+def shard_name(kind: str, unit: int, index: int) -> str:
+    return f"{kind}-u{unit:06d}-{index:04d}.tar"
+
+
+def shard_unit(file_name: str) -> int | None:
+    """The unit a shard file (or a temporary file named after one) belongs to; None for other files."""
+    match = _SHARD_NAME.match(file_name)
+    return int(match[2]) if match else None
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -1,22 +1,29 @@
 """Input readers for `mm1 data prepare --format ...`: each turns one kind of corpus into Samples.
 
-A reader yields one Sample per input record, in a deterministic order: where the record is (for
-the report), the key it gets in the shards, the parsed Record or the reason it was rejected, and
-its images, one per image segment of the Record: bytes taken from the input itself (tar shards,
-parquet), or paths under --images still to be read (jsonl, llava). `prepare` checks the images and
-writes the shards; a bad record is a rejected Sample, never an exception. Only a wrong invocation
-(missing input, a column that is not there) or a llava JSON list that does not parse raises
-DataError, before any shard is written.
+The input is first cut into units (`Source.plan`), fixed pieces that depend only on the input and
+the unit size: a webdataset file, `unit_samples` lines of a JSONL file, rows of a parquet file or
+records of a LLaVA JSON list. A unit is the grain of parallel work and of resumption; `prepare`
+writes each one into its own shards, so the output does not depend on how many processes read it.
 
-    jsonl                 the native records of formats.py, one per line; key = line number
+A reader yields one Sample per input record of a unit, in a deterministic order: where the record
+is (for the report), the key it gets in the shards, the parsed Record or the reason it was
+rejected, and its images, one per image segment of the Record: bytes taken from the input itself
+(tar shards, parquet), or paths under --images still to be read (jsonl, llava). `prepare` checks
+the images and writes the shards; a bad record is a rejected Sample, never an exception. Only a
+wrong invocation (missing input, a column that is not there) or a llava JSON list that does not
+parse raises DataError, while planning, before any shard is written.
+
+    jsonl                 the native records of formats.py, one per line
     webdataset            img2dataset tar shards: KEY.jpg + KEY.txt (+ KEY.json) -> caption
                           (extensions are matched in lower case)
     llava                 LLaVA / ShareGPT4V conversations (JSON list or JSONL) -> chat
     parquet-caption       an image-bytes column and a text column -> caption
     parquet-interleaved   OBELICS: parallel `texts` / `images` lists -> interleaved
 
-The formats other than jsonl number their samples 0, 1, ... in reading order, rejected ones
-included, so a key names the same input record in every run.
+A sample's key names its input record whatever the unit size and the number of processes: the
+line number (JSONL files), the record number (a JSON list, from 1), or the file's number in the
+input list (6 digits) followed by the record's position in that file (9 digits: the sample's
+index in a webdataset file, the row of a parquet file, rejected records included).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+import numpy as np
 
 from megatron_mm1.data.formats import DataError, Record, RecordRejected, parse_record, record_from_object
 
@@ -47,6 +56,8 @@ DEFAULT_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
 IMAGE_MARKER = "<image>"
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PARQUET_BATCH_ROWS = 64  # rows decoded at a time: a batch of images, not a whole file, is in memory
+UNIT_SAMPLES = 10_000  # lines, rows or records per unit by default (a webdataset unit is one file)
+LINE_SCAN_BYTES = 1 << 24  # JSONL files are scanned for line starts this many bytes at a time
 TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
@@ -56,7 +67,24 @@ class Sample:
     key: str  # the sample's key in the prepared shards
     record: Record | RecordRejected
     images: list[bytes | Path] = field(default_factory=list)  # one per image segment of record
-    done: int = 0  # bytes of input read up to this record, for the progress bar
+
+
+@dataclass
+class Unit:
+    """A fixed piece of one input file: the grain of parallel work, of resumption and of shards.
+
+    `start` and `stop` (exclusive; None: the file's end) count bytes for the JSONL formats (on
+    line starts), rows for parquet, records for a LLaVA JSON list; a webdataset unit is a file.
+    """
+
+    index: int  # position in the plan: the final shard list follows it
+    file: int  # index into Source.files
+    where: str  # "in.jsonl lines 1-10000", "00003.tar", "train.parquet rows 0-9999", for messages
+    bytes: int  # the input bytes it covers, for the progress bar
+    start: int = 0
+    stop: int | None = None
+    first_line: int = 1  # JSONL formats: the number of the line at byte `start`
+    records: list | None = None  # LLaVA JSON list: the unit's records (parsed once, when planning)
 
 
 @dataclass
@@ -79,8 +107,13 @@ class Source:
                 "images": None if self.images_dir is None else str(self.images_dir),
                 **{name: list(alternatives) for name, alternatives in self.keys.items()}}
 
-    def samples(self) -> Iterator[Sample]:
-        return _READERS[self.input_format](self)
+    def plan(self, unit_samples: int = UNIT_SAMPLES) -> list[Unit]:
+        """The input cut into units, in reading order: a function of the input and unit_samples only."""
+        return _PLANNERS[self.input_format](self, unit_samples)
+
+    def samples(self, unit: Unit) -> Iterator[Sample]:
+        """One unit's samples, in reading order."""
+        return _READERS[self.input_format](self, unit)
 
 
 def open_source(
@@ -156,23 +189,59 @@ def _first_present(container: Any, alternatives: tuple[str, ...]) -> str | None:
 # ----------------------------------------------------------------------------- jsonl
 
 
-def _read_jsonl(source: Source) -> Iterator[Sample]:
-    done = 0
-    with open(source.files[0], "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            done += len(raw)
-            if not raw.strip():
-                continue  # blank lines are layout, not records
-            where, key = f"line {line_no}", f"{line_no:09d}"
-            try:
-                record = parse_record(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield Sample(where, key, RecordRejected("malformed_json", f"not UTF-8 ({e})"), done=done)
-                continue
-            except RecordRejected as e:
-                yield Sample(where, key, e, done=done)
-                continue
-            yield Sample(where, key, record, [source.images_dir / p for p in record.image_paths], done)
+def _plan_lines(source: Source, unit_samples: int) -> list[Unit]:
+    """Units of `unit_samples` lines (blank ones included) of the one input file: one pass finds
+    the byte offset of every unit_samples-th line start, counting newlines a block at a time."""
+    path = source.files[0]
+    starts, newlines, size, last_byte = [0], 0, 0, b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(LINE_SCAN_BYTES), b""):
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+            # The newline numbered k (from 1) ends line k; a unit starts after each multiple of unit_samples.
+            first = unit_samples - 1 - newlines % unit_samples
+            starts.extend((size + ends[first::unit_samples] + 1).tolist())
+            newlines, size, last_byte = newlines + len(ends), size + len(block), block[-1:]
+    if size == 0:
+        return []
+    if starts[-1] == size:  # the file ends right after a unit's last line
+        starts.pop()
+    lines = newlines + (last_byte != b"\n")
+    units = []
+    for index, start in enumerate(starts):
+        stop = starts[index + 1] if index + 1 < len(starts) else size
+        first_line = index * unit_samples + 1
+        last_line = min(first_line + unit_samples - 1, lines)
+        units.append(Unit(index, 0, f"{path.name} lines {first_line}-{last_line}", stop - start, start, stop,
+                          first_line))
+    return units
+
+
+def _unit_lines(source: Source, unit: Unit) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for each line of a JSONL unit."""
+    with open(source.files[unit.file], "rb") as f:
+        f.seek(unit.start)
+        position = unit.start
+        for line_no, raw in enumerate(f, start=unit.first_line):
+            if position >= unit.stop:
+                return
+            position += len(raw)
+            yield line_no, raw
+
+
+def _read_jsonl(source: Source, unit: Unit) -> Iterator[Sample]:
+    for line_no, raw in _unit_lines(source, unit):
+        if not raw.strip():
+            continue  # blank lines are layout, not records
+        where, key = f"line {line_no}", f"{line_no:09d}"
+        try:
+            record = parse_record(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield Sample(where, key, RecordRejected("malformed_json", f"not UTF-8 ({e})"))
+            continue
+        except RecordRejected as e:
+            yield Sample(where, key, e)
+            continue
+        yield Sample(where, key, record, [source.images_dir / p for p in record.image_paths])
 
 
 # ----------------------------------------------------------------------------- webdataset
@@ -238,26 +307,27 @@ def _webdataset_record(key: str, members: dict[str, bytes | None], keys: dict) -
     return record, members[image_ext]
 
 
-def _read_webdataset(source: Source) -> Iterator[Sample]:
+def _plan_files(source: Source, unit_samples: int) -> list[Unit]:
+    """One unit per input file (webdataset: how many samples a tar holds is known only by reading it)."""
+    return [Unit(index, index, path.name, path.stat().st_size) for index, path in enumerate(source.files)]
+
+
+def _read_webdataset(source: Source, unit: Unit) -> Iterator[Sample]:
     wanted = set(source.keys["text_key"]) | set(source.keys["image_key"])
-    index, shards_before = 0, 0
-    for shard in source.files:
-        with open(shard, "rb") as raw:
-            try:
-                for tar_key, members in _tar_samples(raw, wanted):
-                    where, key = f"{shard.name} key {tar_key}", f"{index:09d}"
-                    index += 1
-                    done = shards_before + raw.tell()
-                    try:
-                        record, image = _webdataset_record(tar_key, members, source.keys)
-                    except RecordRejected as e:
-                        yield Sample(where, key, e, done=done)
-                        continue
-                    yield Sample(where, key, record, [image], done)
-            except RecordRejected as e:  # the shard is cut or unreadable: count it and go on
-                yield Sample(shard.name, f"{index:09d}", e, done=shards_before + raw.tell())
+    shard, index = source.files[unit.file], 0
+    with open(shard, "rb") as raw:
+        try:
+            for tar_key, members in _tar_samples(raw, wanted):
+                where, key = f"{shard.name} key {tar_key}", f"{unit.file:06d}{index:09d}"
                 index += 1
-        shards_before += shard.stat().st_size
+                try:
+                    record, image = _webdataset_record(tar_key, members, source.keys)
+                except RecordRejected as e:
+                    yield Sample(where, key, e)
+                    continue
+                yield Sample(where, key, record, [image])
+        except RecordRejected as e:  # the shard is cut or unreadable: count it and go on
+            yield Sample(shard.name, f"{unit.file:06d}{index:09d}", e)
 
 
 # ----------------------------------------------------------------------------- llava
@@ -312,46 +382,60 @@ def _llava_record(obj: Any, keys: dict) -> Record:
     return record_from_object({"type": "chat", "messages": messages})
 
 
-def _llava_objects(path: Path) -> Iterator[tuple[str, Any, int]]:
-    """(where, parsed object or RecordRejected, bytes read) for a JSON list or a JSONL file."""
+def _is_json_list(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte order mark is allowed
-        f.seek(0)
-        if head.startswith(b"["):
-            # A JSON list is parsed whole: LLaVA ships it so; memory is a few times the file's size.
-            try:
-                objects = json.load(f)
-            except ValueError as e:  # UnicodeDecodeError included
-                raise DataError(f"{path} is not valid JSON ({e})") from None
-            size = path.stat().st_size
-            for i, obj in enumerate(objects):
-                yield f"record {i + 1}", obj, size * (i + 1) // len(objects)
-            return
-        done = 0
-        for line_no, raw in enumerate(f, start=1):
-            done += len(raw)
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:  # UnicodeDecodeError included
-                obj = RecordRejected("malformed_json", str(e))
-            yield f"line {line_no}", obj, done
+    return head.startswith(b"[")
 
 
-def _read_llava(source: Source) -> Iterator[Sample]:
-    for index, (where, obj, done) in enumerate(_llava_objects(source.files[0])):
+def _plan_llava(source: Source, unit_samples: int) -> list[Unit]:
+    """JSONL: units of lines. A JSON list is parsed whole, here, once (LLaVA ships it so; memory is
+    a few times the file's size), and each unit carries its records to the process reading it."""
+    path = source.files[0]
+    if not _is_json_list(path):
+        return _plan_lines(source, unit_samples)
+    try:
+        with open(path, "rb") as f:
+            records = json.load(f)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise DataError(f"{path} is not valid JSON ({e})") from None
+    size, count = path.stat().st_size, len(records)
+    units = []
+    for index, start in enumerate(range(0, count, unit_samples)):
+        stop = min(start + unit_samples, count)
+        units.append(Unit(index, 0, f"{path.name} records {start + 1}-{stop}",
+                          size * stop // count - size * start // count, start, stop, records=records[start:stop]))
+    return units
+
+
+def _llava_objects(source: Source, unit: Unit) -> Iterator[tuple[str, str, Any]]:
+    """(where, key, parsed object or RecordRejected) for each record of a JSON-list or JSONL unit."""
+    if unit.records is not None:
+        for number, obj in enumerate(unit.records, start=unit.start + 1):
+            yield f"record {number}", f"{number:09d}", obj
+        return
+    for line_no, raw in _unit_lines(source, unit):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:  # UnicodeDecodeError included
+            obj = RecordRejected("malformed_json", str(e))
+        yield f"line {line_no}", f"{line_no:09d}", obj
+
+
+def _read_llava(source: Source, unit: Unit) -> Iterator[Sample]:
+    for where, key, obj in _llava_objects(source, unit):
         if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)):
             where += f" (id {obj['id']})"
-        key = f"{index:09d}"
         try:
             if isinstance(obj, RecordRejected):
                 raise obj
             record = _llava_record(obj, source.keys)
         except RecordRejected as e:
-            yield Sample(where, key, e, done=done)
+            yield Sample(where, key, e)
             continue
-        yield Sample(where, key, record, [source.images_dir / p for p in record.image_paths], done)
+        yield Sample(where, key, record, [source.images_dir / p for p in record.image_paths])
 
 
 # ----------------------------------------------------------------------------- parquet
@@ -452,39 +536,83 @@ def _interleaved_row(images: list | None, texts: list | None, where: str) -> tup
     return record_from_object({"type": "interleaved", "segments": segments}), blobs
 
 
-def _read_parquet(source: Source) -> Iterator[Sample]:
+def _plan_parquet(source: Source, unit_samples: int) -> list[Unit]:
+    """Units of `unit_samples` rows of each file, from its footer. A file whose footer cannot be
+    read is one unit, whose reader counts it unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    units = []
+    for file, path in enumerate(source.files):
+        size = path.stat().st_size
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowException, OSError):
+            rows = 0
+        if rows == 0:
+            units.append(Unit(len(units), file, path.name, size))
+            continue
+        for start in range(0, rows, unit_samples):
+            stop = min(start + unit_samples, rows)
+            units.append(Unit(len(units), file, f"{path.name} rows {start}-{stop - 1}",
+                              size * stop // rows - size * start // rows, start, stop))
+    return units
+
+
+def _row_groups(metadata, start: int, stop: int | None) -> tuple[list[int], int]:
+    """The row groups holding rows start..stop-1, and the number of the first row of the first one."""
+    groups, first_row, row = [], None, 0
+    for group in range(metadata.num_row_groups):
+        rows = metadata.row_group(group).num_rows
+        if row + rows > start and (stop is None or row < stop):
+            groups.append(group)
+            first_row = row if first_row is None else first_row
+        row += rows
+    return groups, start if first_row is None else first_row
+
+
+def _read_parquet(source: Source, unit: Unit) -> Iterator[Sample]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     make_record = _caption_row if source.input_format == "parquet-caption" else _interleaved_row
-    index, files_before = 0, 0
-    for path in source.files:
-        size, row = path.stat().st_size, 0
-        try:
-            parquet = pq.ParquetFile(path)
-            columns = _parquet_columns(path, parquet.schema_arrow, source)
-            rows = max(parquet.metadata.num_rows, 1)
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(columns.values())):
-                images = batch.column(columns["image_key"]).to_pylist()
-                texts = batch.column(columns["text_key"]).to_pylist()
-                for image, text in zip(images, texts):
-                    where, key = f"{path.name} row {row}", f"{index:09d}"
-                    row, index = row + 1, index + 1
-                    done = files_before + size * row // rows
-                    try:
-                        record, blobs = make_record(image, text, where)
-                    except RecordRejected as e:
-                        yield Sample(where, key, e, done=done)
-                        continue
-                    yield Sample(where, key, record, blobs, done)
-        except (pa.ArrowException, OSError) as e:  # a damaged file: count it, keep the rows read, go on
-            rejection = RecordRejected("unreadable_file", f"from row {row} on ({e})")
-            yield Sample(f"{path.name} row {row}", f"{index:09d}", rejection, done=files_before + size)
-            index += 1
-        files_before += size
+    path, row = source.files[unit.file], unit.start
+    try:
+        parquet = pq.ParquetFile(path)
+        columns = _parquet_columns(path, parquet.schema_arrow, source)
+        groups, row = _row_groups(parquet.metadata, unit.start, unit.stop)
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups,
+                                       columns=list(columns.values())) if groups else []
+        for batch in batches:
+            images = batch.column(columns["image_key"]).to_pylist()
+            texts = batch.column(columns["text_key"]).to_pylist()
+            for image, text in zip(images, texts):
+                if unit.stop is not None and row >= unit.stop:
+                    return
+                where, key = f"{path.name} row {row}", f"{unit.file:06d}{row:09d}"
+                row += 1
+                if row <= unit.start:
+                    continue  # the row group began before the unit
+                try:
+                    record, blobs = make_record(image, text, where)
+                except RecordRejected as e:
+                    yield Sample(where, key, e)
+                    continue
+                yield Sample(where, key, record, blobs)
+    except (pa.ArrowException, OSError) as e:  # a damaged file: count it, keep the rows read, go on
+        row = max(row, unit.start)
+        yield Sample(f"{path.name} row {row}", f"{unit.file:06d}{row:09d}",
+                     RecordRejected("unreadable_file", f"from row {row} on ({e})"))
 
 
-_READERS: dict[str, Callable[[Source], Iterator[Sample]]] = {
+_PLANNERS: dict[str, Callable[[Source, int], list[Unit]]] = {
+    "jsonl": _plan_lines,
+    "webdataset": _plan_files,
+    "llava": _plan_llava,
+    "parquet-caption": _plan_parquet,
+    "parquet-interleaved": _plan_parquet,
+}
+_READERS: dict[str, Callable[[Source, Unit], Iterator[Sample]]] = {
     "jsonl": _read_jsonl,
     "webdataset": _read_webdataset,
     "llava": _read_llava,
