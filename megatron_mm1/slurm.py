@@ -127,6 +127,43 @@ def render(job: Job, template: Path = TEMPLATES / "train.sbatch") -> str:
     return text[:begin] + run_settings(job, restarts) + "\n" + text[end:]
 
 
+@dataclass
+class PrepareJob:
+    """What `mm1 data prepare --slurm T` puts into slurm/prepare.sbatch: T array tasks running
+    `mm1 data prepare` with `arguments` (format, input, output and the settings that shape it)."""
+
+    tasks: int
+    out: Path
+    arguments: dict[str, str | list[str]]  # RUN SETTINGS variable -> value (EXTRA: a list of flags)
+    cpus_per_task: int | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+
+    @property
+    def logs(self) -> Path:
+        return self.out.with_name(self.out.name + "-logs")  # beside the prepared folder, not in it
+
+
+def render_prepare(job: PrepareJob, template: Path = TEMPLATES / "prepare.sbatch") -> str:
+    """slurm/prepare.sbatch with the job's values: a complete sbatch script."""
+    text = template.read_text()
+    text = set_sbatch(text, "array", f"0-{job.tasks - 1}")
+    text = set_sbatch(text, "output", str(job.logs / "%A_%a.out"))
+    for option, value in (("cpus-per-task", job.cpus_per_task), ("time", job.time), ("partition", job.partition),
+                          ("account", job.account), ("qos", job.qos)):
+        if value is not None:
+            text = set_sbatch(text, option, str(value))
+    text = set_variable(text, "REPO", shlex.quote(str(REPO)))
+    text = set_variable(text, "PYTHON", shlex.quote(sys.executable))
+    lines = [f"{RUN_BEGIN}: written by `mm1 data prepare --slurm` =========================="]
+    for name, value in job.arguments.items():
+        lines.append(f"{name}=({shlex.join(value)})" if isinstance(value, list) else f"{name}={shlex.quote(value)}")
+    begin, end = text.index(RUN_BEGIN), text.index(RUN_END)
+    return text[:begin] + "\n".join(lines) + "\n" + text[end:]
+
+
 def overrides(data: Path | None, steps: int | None, sets: list[str]) -> list[str]:
     """--data, --steps and --set as config overrides, as `mm1 train` applies them."""
     from argparse import Namespace

@@ -372,3 +372,14 @@ def test_task_flags_and_variables_are_checked(corpora, tmp_path, monkeypatch, ca
     assert run_cli(args) == 1
     assert "4 tasks (SLURM_ARRAY_TASK_COUNT) need --task-index (or SLURM_ARRAY_TASK_ID)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    # --slurm: its options only with it; the task split and the workers are its to set.
+    assert run_cli(args + ["--time", "01:00:00"]) == 1
+    assert "--time go with --slurm TASKS" in capsys.readouterr().err
+    assert run_cli(args + ["--slurm", "2", "--workers", "4", "--dry-run"]) == 1
+    assert "--workers are set by --slurm" in capsys.readouterr().err
+    missing = list(args)
+    missing[missing.index("--input") + 1] = str(tmp_path / "nowhere.jsonl")
+    assert run_cli(missing + ["--slurm", "2", "--dry-run"]) == 1
+    assert f"input file {tmp_path / 'nowhere.jsonl'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-logs").exists()

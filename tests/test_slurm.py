@@ -326,31 +326,29 @@ def test_eval_script_answers_on_two_nodes_as_one_process_does(whole_run, tmp_pat
     assert answers["slurm-eval"] == answers["local"] and len(answers["local"]) == 6
 
 
-def test_prepare_script_array_and_merge_give_the_one_process_folder(cluster, tmp_path):
-    """slurm/prepare.sbatch as a two-task array: each task prepares its units, the merge job the
-    first task queued combines them, and the folder is byte for byte the one a single local
-    `mm1 data prepare` writes."""
+def test_prepare_on_slurm_array_and_merge_give_the_one_process_folder(cluster, tmp_path):
+    """`mm1 data prepare --slurm 2` renders slurm/prepare.sbatch and submits it as a two-task
+    array: each task prepares its units, the merge job the first task queued combines them, and
+    the folder is byte for byte the one a single local `mm1 data prepare` writes."""
     from megatron_mm1.data.demo import write_corpus
 
     corpus = write_corpus(tmp_path, num_captions=30, num_interleaved=10, num_text=10, seed=3)
-    images, unit = str(corpus.parent / "images"), ["--unit-samples", "8"]
-    run([*MM1, "data", "prepare", "--input", str(corpus), "--images", images, "--out", str(tmp_path / "local"),
-         "--quiet", *unit])
-    env = {**os.environ, "FORMAT": "jsonl", "INPUT": str(corpus), "IMAGES": images, "OUT": str(tmp_path / "slurm"),
-           "EXTRA": " ".join(unit), "REPO": str(ROOT), "PYTHON": sys.executable}
-    proc = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1",
-                           f"--output={tmp_path}/prepare-%A_%a.out", str(ROOT / "slurm" / "prepare.sbatch")],
-                          check=True, capture_output=True, text=True, env=env, timeout=60)
-    array = proc.stdout.strip()
+    prepare = [*MM1, "data", "prepare", "--input", str(corpus), "--images", str(corpus.parent / "images"),
+               "--unit-samples", "8", "--quiet"]
+    run([*prepare, "--out", str(tmp_path / "local")])
+    rendered = run([*prepare, "--out", str(tmp_path / "slurm"), "--slurm", "2", "--dry-run"]).stdout
+    assert "#SBATCH --array=0-1 " in rendered and "NUM_TASKS=2\n" in rendered and not (tmp_path / "slurm").exists()
+    array = run([*prepare, "--out", str(tmp_path / "slurm"), "--slurm", "2", "--cpus-per-task", "1"]).stdout.split()[-1]
+    logs = tmp_path / "slurm-logs"
     end = time.time() + 240
     while not (merged := re.search(r"merge job (\d+) queued", "".join(
-            p.read_text(errors="replace") for p in tmp_path.glob(f"prepare-{array}_*.out")))):
+            p.read_text(errors="replace") for p in logs.glob(f"{array}_*.out")))):
         assert time.time() < end, describe(array, tmp_path)
         time.sleep(1)
     info = wait_job(merged.group(1), tmp_path)
-    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(tmp_path.glob("*.out")))
-    assert info["JobState"] == "COMPLETED", (info, logs)
-    assert "task 0 of 2" in logs and "task 1 of 2" in logs
+    text = "\n".join(p.read_text(errors="replace")[-2000:] for p in [*logs.glob("*.out"), *tmp_path.glob("*.out")])
+    assert info["JobState"] == "COMPLETED", (info, text)
+    assert "task 0 of 2" in text and "task 1 of 2" in text
 
     def tree(folder: Path) -> dict[str, bytes]:
         return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -116,6 +116,28 @@ def test_exact_resume_moe_pp2_vpp2_ep2_and_the_validation_loss_at_other_layouts(
         assert valid_losses(out)[0] == pytest.approx(valid_losses(whole)[4], rel=1e-5)
 
 
+def test_a_three_dataset_mixture_resumes_exactly(data, tmp_path):
+    """Captions from three prepared folders (the demo's, weight 1, and two more, weights 2 and 1)
+    beside the demo's interleaved and text data, DP2: every dataset is drawn from, and a run
+    stopped after step 2 and resumed gives the uninterrupted run's losses bit for bit."""
+    from megatron_mm1.data.demo import write_corpus
+
+    folders = {}
+    for name, seed in (("coyo", 11), ("laion", 12)):
+        corpus = write_corpus(tmp_path / f"{name}-raw", num_captions=60, num_interleaved=0, num_text=0, seed=seed)
+        folders[name] = tmp_path / name
+        run([sys.executable, "-m", "megatron_mm1.cli", "data", "prepare", "--input", str(corpus),
+             "--images", str(corpus.parent / "images"), "--out", str(folders[name]), "--quiet"])
+    mixture = [f"data.caption={{{folders['coyo']}: 2.0, {folders['laion']}: 1.0}}"]
+    train(data, tmp_path / "whole", 4, 2, mixture)
+    check_exact_resume(data, tmp_path / "whole", tmp_path / "split", "tiny", 2, mixture)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step_0000004" / "data" / "dp0.json").read_text())
+    assert sorted(state["datasets"]) == sorted(f"{folder}:{kind}" for folder, kind in [
+        (data, "caption"), (data, "interleaved"), (data, "text"), (folders["coyo"], "caption"),
+        (folders["laion"], "caption")])
+    assert all(cursor > 0 for cursor in state["mixture"]["cursors"])
+
+
 def test_resume_at_another_layout(data, tmp_path):
     # A non-distributed optimizer's state reshards like the weights: the whole run continues.
     sets = ["training.distributed_optimizer=false", "checkpoint.save_interval=2"]

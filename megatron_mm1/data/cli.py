@@ -89,6 +89,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from megatron_mm1.data.formats import DataError
     from megatron_mm1.data.prepare import prepare
 
+    slurm_flags = [f"--{name.replace('_', '-')}" for name in SLURM_OPTIONS if getattr(args, name) not in (None, False)]
+    if args.slurm is None and slurm_flags:
+        return _fail("prepare", f"{', '.join(slurm_flags)} go with --slurm TASKS")
+    if args.slurm is not None:
+        return _submit_prepare(args)
     try:
         num_tasks, task_index, origin = _task(args)
         if num_tasks > 1:
@@ -96,7 +101,7 @@ def _prepare(args: argparse.Namespace) -> int:
         result = prepare(args.input, args.images, args.out, samples_per_shard=args.samples_per_shard,
                          max_pixels=args.max_pixels, progress=not args.quiet, input_format=args.format,
                          text_key=args.text_key, image_key=args.image_key, conversations_key=args.conversations_key,
-                         workers=args.workers, num_tasks=num_tasks, task_index=task_index,
+                         workers=1 if args.workers is None else args.workers, num_tasks=num_tasks, task_index=task_index,
                          unit_samples=args.unit_samples)
     except (DataError, OSError) as e:
         return _fail("prepare", str(e))
@@ -108,6 +113,62 @@ def _prepare(args: argparse.Namespace) -> int:
                 f"; once all {num_tasks} tasks are done: mm1 data merge --data {args.out}")
     else:
         _report(result, args, f"prepared {args.out}: {result.units} units{resumed}")
+    return 0
+
+
+# The options of `mm1 data prepare --slurm` (besides --slurm itself).
+SLURM_OPTIONS = ("cpus_per_task", "time", "partition", "account", "qos", "dry_run")
+
+
+def _submit_prepare(args: argparse.Namespace) -> int:
+    """--slurm T: check the input, render slurm/prepare.sbatch for T array tasks, and sbatch it
+    (or print it with --dry-run)."""
+    from megatron_mm1.config import ConfigError
+    from megatron_mm1.data.formats import DataError
+    from megatron_mm1.data.readers import open_source
+    from megatron_mm1.slurm import PrepareJob, render_prepare, submit
+
+    if args.slurm < 1:
+        return _fail("prepare", f"--slurm {args.slurm}: give the number of array tasks, at least 1")
+    given = [flag for flag, value in (("--num-tasks", args.num_tasks), ("--task-index", args.task_index),
+                                      ("--workers", args.workers)) if value is not None]
+    if given:
+        return _fail("prepare", f"{', '.join(given)} are set by --slurm (the array's tasks; one worker per "
+                                "CPU of --cpus-per-task)")
+    inputs = [str(Path(p).resolve()) for p in args.input]
+    if any(any(c.isspace() for c in p) for p in inputs):
+        return _fail("prepare", "--slurm needs input paths without spaces")
+    out = Path(args.out).resolve()
+    try:
+        open_source(args.format, inputs, args.images, args.text_key, args.image_key, args.conversations_key)
+    except DataError as e:
+        return _fail("prepare", str(e))
+    extra = ["--samples-per-shard", str(args.samples_per_shard), "--unit-samples", str(args.unit_samples),
+             "--max-pixels", str(args.max_pixels)]
+    for flag, value in (("--text-key", args.text_key), ("--image-key", args.image_key),
+                        ("--conversations-key", args.conversations_key)):
+        if value is not None:
+            extra += [flag, value]
+    job = PrepareJob(args.slurm, out, {
+        "FORMAT": args.format, "INPUT": inputs, "IMAGES": str(Path(args.images).resolve()) if args.images else "",
+        "OUT": str(out), "NUM_TASKS": str(args.slurm), "EXTRA": extra,
+    }, args.cpus_per_task, args.time, args.partition, args.account, args.qos)
+    script = render_prepare(job)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    job.logs.mkdir(parents=True, exist_ok=True)
+    path = job.logs / "prepare.sbatch"
+    path.write_text(script)
+    try:
+        job_id = submit(path)
+    except ConfigError as e:
+        return _fail("prepare", str(e))
+    print(f"submitted array job {job_id}: {args.slurm} tasks preparing {out}, then a merge job")
+    print(f"  script: {path}")
+    print(f"  logs:   {job.logs}/{job_id}_<task>.out; the merge's: {out}-merge-<id>.out")
+    print(f"  follow: squeue -j {job_id}")
+    print(job_id)
     return 0
 
 
@@ -212,7 +273,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--unit-samples", type=int, default=10_000,
                    help="lines (jsonl, llava JSONL), rows (parquet) or records (llava JSON list) per unit of work "
                         "(default 10000); a webdataset unit is one input file. Changes the shards, not the samples")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int,
                    help="processes preparing units on this machine (default 1); the output does not depend on it")
     p.add_argument("--num-tasks", type=int,
                    help="split the units among this many tasks, each run on its own (default "
@@ -224,6 +285,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary {written, skipped, skipped_by_reason} as the last line")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    slurm = p.add_argument_group("on Slurm", "submit the preparation as a job array (slurm/prepare.sbatch) "
+                                 "instead of running it here; a merge job follows the tasks")
+    slurm.add_argument("--slurm", type=int, metavar="TASKS", help="array tasks, each preparing its share of the units")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPUs of each task, one worker each (default: the script's, 64)")
+    slurm.add_argument("--time", help="time limit of each task, e.g. 24:00:00 (a task cut short continues when re-run)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--account", help="Slurm account")
+    slurm.add_argument("--qos", help="Slurm quality of service")
+    slurm.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("merge", help="combine the parts of a --num-tasks preparation into its manifest",
