@@ -79,8 +79,7 @@ def _caption_a_new_image(out: Path) -> str:
     scene = ("red", "circle", 2, "left")
     image = out / "new-scene.png"
     draw_scene(*scene, random.Random(2026)).save(image)
-    (said,) = Generator(out).generate([("<image>", [image])], Sampling(max_new_tokens=12))
-    said = said["text"]
+    said = Generator(out).generate([("<image>", [image])], Sampling(max_new_tokens=12))[0]["text"]
     shutdown()
     return (f"  a new image ({image}, {describe_scene(*scene)}), captioned by the model: {said!r}\n"
             f"  (mm1 generate --checkpoint {out} --prompt '<image>' --image {image})")

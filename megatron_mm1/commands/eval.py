@@ -134,7 +134,8 @@ def add_parser(subparsers) -> None:
         description="Evaluate with the MM1 paper's metrics: CIDEr-D and BLEU-4 as the COCO caption "
         "evaluation computes them (no Java needed), the official VQA accuracy, and multiple-choice "
         "accuracy. --checkpoint: the model answers each item of the task files after --shots examples "
-        "from the same file (greedy; the items spread over the data-parallel replicas of --nproc processes). --score: given predictions are scored, no model. "
+        "from the same file (greedy; the items spread over the data-parallel replicas of --nproc "
+        "processes). --score: given predictions are scored, no model. "
         "Task and prediction files are JSONL matched by id (docs/eval.md). Prints a table; --out also "
         "writes metrics.json and the scored predictions.jsonl.",
     )
