@@ -23,9 +23,7 @@ import torch
 
 from megatron_mm1.config import Config, data_parallel_size, load_config
 from megatron_mm1.device import device, synchronize, to_device
-
-# bf16 dense peaks, TFLOP/s, by the name torch.cuda reports.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+from megatron_mm1.planner import GPUS, gpu_type
 
 
 def device_peak(peak_tflops: Optional[float]) -> tuple[str, Optional[float], str]:
@@ -37,10 +35,10 @@ def device_peak(peak_tflops: Optional[float]) -> tuple[str, Optional[float], str
     name = torch.cuda.get_device_name()
     if peak_tflops:
         return name, peak_tflops, "--peak-tflops"
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return name, value, f"table: {key} bf16 dense"
-    return name, None, "none: unknown GPU, pass --peak-tflops"
+    key = gpu_type(name)
+    if key is None:
+        return name, None, "none: unknown GPU, pass --peak-tflops"
+    return name, GPUS[key].peak_tflops, f"table: {GPUS[key].family} bf16 dense"
 
 
 def _sync() -> float:

@@ -160,7 +160,10 @@ class LLMConfig:
     ffn_hidden_size: int = 8192
     num_attention_heads: int = 24
     num_query_groups: int = 8
-    vocab_size: int = 64000
+    vocab_size: int = 64000  # the tokenizer's; the model's is padded_vocab_size
+    # The embedding and output layer have vocab_size rounded up to a multiple of this
+    # (Megatron-LM's default, 128); the padded ids are never seen and their logits are -inf.
+    make_vocab_size_divisible_by: int = 128
     max_sequence_length: int = 4096
     rotary_base: int = 500000
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
@@ -178,6 +181,12 @@ class LLMConfig:
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the embedding and the output layer (the same at every TP: see docs/model.md)."""
+        d = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // d) * d
+
 
 @dataclass
 class ModelConfig:
@@ -191,7 +200,7 @@ class ModelConfig:
     freeze_vision: bool = False
     freeze_connector: bool = False
     freeze_llm: bool = False
-    layer_spec: str = "local"  # local: megatron-core's attention; fast: torch SDPA (flash on GPU)
+    layer_spec: str = "local"  # local: megatron-core's attention, dense masks; fast: by packed sample (varlen flash on GPU)
     init_method_std: float = 0.02
 
 
@@ -606,6 +615,19 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(c.num_image_tokens > 0, "model.connector.num_image_tokens must be > 0", errors)
     _check(c.depth >= 1 and c.mlp_depth >= 1, "model.connector.depth and mlp_depth must be >= 1", errors)
 
+    # The vocabulary: megatron splits the padded one evenly across the TP ranks.
+    multiple = llm.make_vocab_size_divisible_by
+    _check(multiple >= 1, "model.llm.make_vocab_size_divisible_by must be >= 1", errors)
+    if multiple >= 1:
+        _check(
+            llm.padded_vocab_size % tp == 0,
+            f"model.llm.vocab_size={llm.vocab_size} padded to a multiple of "
+            f"model.llm.make_vocab_size_divisible_by={multiple} is {llm.padded_vocab_size}, which "
+            f"parallel.tensor_model_parallel_size={tp} does not divide; set "
+            f"model.llm.make_vocab_size_divisible_by to a multiple of {tp} (e.g. {math.lcm(multiple, tp)})",
+            errors,
+        )
+
     # Image placement.
     _check(
         0 <= m.image_token_id < llm.vocab_size,
@@ -674,6 +696,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(
             (moe.ffn_hidden_size or llm.ffn_hidden_size) % etp == 0,
             f"the expert FFN size is not divisible by the expert tensor parallel size {etp}",
+            errors,
+        )
+        # `fast` runs the experts as torch._grouped_mm, which refuses rows that are not a
+        # multiple of 16 bytes; real models' sizes always are, so this refuses toy shapes only.
+        align = 8 if cfg.training.bf16 else 4
+        _check(
+            m.layer_spec != "fast"
+            or (llm.hidden_size % align == 0 and (moe.ffn_hidden_size or llm.ffn_hidden_size) // etp % align == 0),
+            f"model.layer_spec=fast runs the experts as grouped GEMMs, which need model.llm.hidden_size "
+            f"and the expert FFN size per expert-TP rank to be multiples of {align} "
+            f"({16 // align}-byte {'bf16' if cfg.training.bf16 else 'fp32'}); use model.layer_spec=local",
             errors,
         )
     else:

@@ -23,7 +23,6 @@ from megatron.core import parallel_state
 
 from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_sharded
 from megatron_mm1.config import Config, ConfigError
-from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.engine_base import Engine, loss_func, reduce_metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,8 +162,8 @@ def _is_placeholder(tensor: torch.Tensor) -> bool:
 
 def _loss(engine, batch: dict):
     """The micro-batch's loss and metrics (loss_func)."""
-    mask = attention_mask_from_segments(batch["segment_ids"])
-    return loss_func(batch["loss_mask"], engine(batch["tokens"], mask, images=batch["images"], labels=batch["labels"]))
+    output = engine(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
+    return loss_func(batch["loss_mask"], output)
 
 
 class DeepSpeedEngine(Engine):

@@ -18,7 +18,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_model, save_sharded
 from megatron_mm1.config import Config
-from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.device import device
 from megatron_mm1.engine_base import Engine, loss_func, reduce_metrics
 from megatron_mm1.models.mm1 import MM1Model
@@ -54,8 +53,7 @@ def wrap_ddp(
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    mask = attention_mask_from_segments(batch["segment_ids"])
-    output = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+    output = model(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -283,3 +281,7 @@ class MegatronEngine(Engine):
             with torch.no_grad():  # it copies into the main parameters in place
                 self.optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_step(self.optimizer)
+        else:
+            # bf16: the optimizer copied its fp32 master weights at construction; without this
+            # the first step would write those back over the loaded ones (Megatron-LM does this too).
+            self.optimizer.reload_model_params()

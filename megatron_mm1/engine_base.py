@@ -112,8 +112,15 @@ def reduce_metrics(losses: list[dict], cfg: Config, num_microbatches: int, train
 
 def _moe_losses(cfg: Config, num_microbatches: int) -> dict[str, float]:
     """The MoE auxiliary losses (per MoE layer, before their coefficients), reported apart."""
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, track_moe_metrics
 
+    z_loss = get_moe_layer_wise_logging_tracker().get("z_loss")
+    if z_loss is not None:
+        # megatron's router records its z-loss with no group: each rank's would be reported
+        # alone. Average over the ranks whose tokens differ (TP too under sequence parallelism).
+        z_loss["avg_group"] = parallel_state.get_data_parallel_group() if not cfg.parallel.sequence_parallel \
+            else parallel_state.get_tensor_and_data_parallel_group()
     totals: dict = {}
     track_moe_metrics(
         loss_scale=1.0 / num_microbatches,

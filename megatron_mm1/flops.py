@@ -2,24 +2,27 @@
 
 Counted: matrix products and convolutions (2 FLOPs per multiply-add), the work that dominates
 and that accelerator peaks are quoted for. Not counted: norms, softmax, activations, RoPE,
-pooling, the loss, embedding look-ups. The formula is in docs/performance.md.
+pooling, the loss, embedding look-ups. The per-token, per-pair and per-image formulas are in
+arithmetic.py (and docs/performance.md); here they are summed over a batch, by part.
 
-Two attention conventions:
-- `causal=True` (what throughput reports use): a token attends to itself and the earlier tokens
-  of its own packed sample, so a sample of L tokens costs L(L+1)/2 query-key pairs; padding
-  counts nothing. This is the work the model needs, whichever kernel runs it.
-- `causal=False`: every query meets every key of its row, L^2 pairs. This is what an unfused
-  kernel (megatron's DotProductAttention, or SDPA's math path) executes with a mask, and what
-  torch's FlopCounterMode sees; the tests compare like with like through it.
+The LLM's work is given by its tokens and the query-key pairs its attention meets per layer:
+- throughput and MFU (`batch_flops`) count the work the model needs: the real tokens (padding
+  excluded) and each packed sample's causal pairs, L(L+1)/2 for L tokens, whichever kernel runs;
+- what a kernel executes is arithmetic.kernel_pairs over every token of the rows: megatron's
+  DotProductAttention (the local spec) computes all s^2 pairs of a row and masks afterwards,
+  which is what torch's FlopCounterMode sees; the tests compare like with like through it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
+from megatron_mm1 import arithmetic
 from megatron_mm1.config import Config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def segment_lengths(segment_ids: torch.Tensor) -> list[int]:
@@ -39,69 +42,19 @@ def segment_lengths(segment_ids: torch.Tensor) -> list[int]:
     return lengths
 
 
-def _llm_forward(cfg: Config, lengths: list[int], causal: bool) -> dict[str, float]:
-    llm, moe = cfg.model.llm, cfg.model.moe
-    h, d = llm.hidden_size, llm.head_dim
-    q, kv = llm.num_attention_heads * d, llm.num_query_groups * d
-    tokens = sum(lengths)
-    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
-    attn_proj = h * (q + 2 * kv) + q * h  # QKV and output projection, multiply-adds per token
-    dense_ffn = 3 * h * llm.ffn_hidden_size  # SwiGLU: gate and up (h -> 2f), down (f -> h)
-    n_moe = 0
-    moe_ffn = 0
-    if moe.num_experts:
-        n_moe = len(range(0, llm.num_layers, moe.layer_freq))
-        # Router (h -> experts) plus top-k experts per token, each a SwiGLU of its own width.
-        moe_ffn = h * moe.num_experts + moe.router_topk * 3 * h * (moe.ffn_hidden_size or llm.ffn_hidden_size)
-    per_token = llm.num_layers * attn_proj + (llm.num_layers - n_moe) * dense_ffn + n_moe * moe_ffn
+def forward_flops(cfg: Config, tokens: int, pairs: int, num_images: int) -> dict[str, float]:
+    """Forward FLOPs by part: the LLM over `tokens` tokens whose attention meets `pairs`
+    query-key pairs in each layer, and the vision side over `num_images` images (their image
+    tokens are among `tokens`)."""
+    llm, images = cfg.model.llm, 2.0 * num_images
+    layers = sum(arithmetic.layer_macs(cfg, arithmetic.is_moe_layer(cfg, i)) for i in range(llm.num_layers))
     return {
-        "llm_linear": 2.0 * tokens * per_token,
-        # QK^T and attention x V: two products of head_dim per query-key pair and query head.
-        "llm_attention": 2.0 * 2 * pairs * q * llm.num_layers,
-        "logits": 2.0 * tokens * h * llm.vocab_size,
-    }
-
-
-def _vision_forward(cfg: Config, num_images: int) -> dict[str, float]:
-    v = cfg.model.vision
-    w, t = v.hidden_size, v.sequence_length  # bidirectional attention
-    per_layer = t * (4 * w * w + 2 * w * v.ffn_hidden_size) + 2 * t * t * w
-    return {
-        "patch_embed": 2.0 * num_images * v.num_patches * 3 * v.patch_size**2 * w,
-        "vision": 2.0 * num_images * v.num_layers_used * per_layer,
-    }
-
-
-def _bottleneck_macs(hw: int, cin: int, cout: int) -> int:
-    """A RegNetY bottleneck of models/connector.py on an hw-pixel map (the SE runs on 1 pixel)."""
-    reduced = int(round(cin * 0.25))
-    macs = hw * cin * cout + hw * cout * 9 + 2 * cout * reduced + hw * cout * cout
-    return macs + (hw * cin * cout if cin != cout else 0)
-
-
-def _connector_forward(cfg: Config, num_images: int) -> float:
-    c, v, llm_width = cfg.model.connector, cfg.model.vision, cfg.model.llm.hidden_size
-    n, p, w = c.num_image_tokens, v.num_patches, v.hidden_size
-    if c.type == "c-abstractor":
-        macs = sum(_bottleneck_macs(p, w if i == 0 else c.hidden_size, c.hidden_size) for i in range(c.depth))
-        macs += c.depth * _bottleneck_macs(n, c.hidden_size, c.hidden_size)
-        macs += n * (c.hidden_size * llm_width + (c.mlp_depth - 1) * llm_width * llm_width)
-    elif c.type == "avg-pool":
-        macs = n * w * llm_width
-    else:  # attn-pool: q/out projections on N queries, k/v on P patches, N x P attention
-        macs = 2 * n * w * w + 2 * p * w * w + 2 * n * p * w + n * w * llm_width
-    return 2.0 * num_images * macs
-
-
-def forward_flops(
-    cfg: Config, lengths: list[int], num_images: int, causal: bool = True
-) -> dict[str, float]:
-    """Forward FLOPs by part for packed samples of the given token lengths and `num_images`
-    images (each image's N tokens are part of its sample's length)."""
-    return {
-        **_vision_forward(cfg, num_images),
-        "connector": _connector_forward(cfg, num_images),
-        **_llm_forward(cfg, lengths, causal),
+        "patch_embed": images * arithmetic.patch_embed_macs(cfg),
+        "vision": images * cfg.model.vision.num_layers_used * arithmetic.vision_layer_macs(cfg),
+        "connector": images * arithmetic.connector_macs(cfg),
+        "llm_linear": 2.0 * tokens * layers,
+        "llm_attention": 2.0 * pairs * llm.num_layers * arithmetic.attention_macs_per_pair(cfg),
+        "logits": 2.0 * tokens * arithmetic.output_layer_macs(cfg),
     }
 
 
@@ -124,11 +77,9 @@ def backward_multipliers(cfg: Config) -> dict[str, float]:
     }
 
 
-def train_flops(
-    cfg: Config, lengths: list[int], num_images: int, causal: bool = True
-) -> dict[str, float]:
-    """Forward + backward FLOPs by part, and their `total`."""
-    fwd = forward_flops(cfg, lengths, num_images, causal)
+def train_flops(cfg: Config, tokens: int, pairs: int, num_images: int) -> dict[str, float]:
+    """Forward + backward FLOPs by part (forward_flops' arguments), and their `total`."""
+    fwd = forward_flops(cfg, tokens, pairs, num_images)
     mult = backward_multipliers(cfg)
     parts = {k: fwd[k] * mult[k] for k in fwd}
     parts["total"] = math.fsum(parts.values())
@@ -143,4 +94,4 @@ def batch_tokens(batch: dict) -> int:
 def batch_flops(cfg: Config, batch: dict) -> float:
     """Training FLOPs of one micro-batch in the batch contract (causal, padding excluded)."""
     lengths = segment_lengths(batch["segment_ids"])
-    return train_flops(cfg, lengths, int(batch["num_images"].sum()))["total"]
+    return train_flops(cfg, sum(lengths), arithmetic.causal_pairs(lengths), int(batch["num_images"].sum()))["total"]

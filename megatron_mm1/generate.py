@@ -29,7 +29,7 @@ import torch
 
 from megatron_mm1.config import Config, ConfigError, ParallelConfig, RunRefused, validate
 from megatron_mm1.data.images import ImageRejected, load_image, preprocess
-from megatron_mm1.data.packing import attention_mask_from_segments, encode_sample
+from megatron_mm1.data.packing import encode_sample
 from megatron_mm1.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from megatron_mm1.device import device
 
@@ -118,7 +118,7 @@ def _last_token_logits(last: torch.Tensor, logits: torch.Tensor, non_loss_data: 
 
 def _logits_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["mask"], images=batch["images"])
+    output = model(batch["tokens"], batch["segment_ids"], images=batch["images"])
     return output, partial(_last_token_logits, batch["last"])
 
 
@@ -263,7 +263,7 @@ class Generator:
             last[k] = len(row.ids) - 1
         v = self.cfg.model.vision
         images = [r.images for r in active] or [torch.zeros(0, 3, v.image_size, v.image_size, device=device())]
-        batch = {"tokens": tokens.to(device()), "mask": attention_mask_from_segments(segments.to(device())),
+        batch = {"tokens": tokens.to(device()), "segment_ids": segments.to(device()),
                  "images": torch.cat(images), "last": last.to(device())}
         with torch.no_grad():
             out = get_forward_backward_func()(

@@ -11,29 +11,8 @@ from __future__ import annotations
 
 import math
 
+from megatron_mm1 import arithmetic
 from megatron_mm1.config import Config
-
-
-def llm_non_embedding_params(cfg: Config) -> int:
-    """N of MM1's fit: the LLM's parameters without the input and output embeddings. For MoE,
-    the parameters used per token (router plus top-k experts)."""
-    llm, moe = cfg.model.llm, cfg.model.moe
-    head_dim = llm.head_dim
-    h = llm.hidden_size
-    attention = (h + llm.qkv_bias) * head_dim * (llm.num_attention_heads + 2 * llm.num_query_groups)  # qkv
-    attention += llm.num_attention_heads * head_dim * h  # output projection
-    if llm.qk_layernorm:
-        attention += 2 * head_dim
-    dense_mlp = 3 * h * llm.ffn_hidden_size  # SwiGLU: gate, up, down
-    moe_mlp = 0
-    if moe.num_experts:
-        expert_ffn = moe.ffn_hidden_size or llm.ffn_hidden_size
-        moe_mlp = h * moe.num_experts + moe.router_topk * 3 * h * expert_ffn
-    total = h  # final norm
-    for layer in range(llm.num_layers):
-        is_moe = moe.num_experts and layer % moe.layer_freq == 0
-        total += attention + 2 * h + (moe_mlp if is_moe else dense_mlp)
-    return total
 
 
 def mm1_peak_lr(non_embedding_params: int) -> float:
@@ -43,7 +22,9 @@ def mm1_peak_lr(non_embedding_params: int) -> float:
 
 def peak_lr(cfg: Config) -> float:
     t = cfg.training
-    return t.lr if t.lr is not None else mm1_peak_lr(llm_non_embedding_params(cfg))
+    # N of MM1's fit: the LLM without its input and output embeddings; for MoE, the parameters a
+    # token uses (router plus top-k experts).
+    return t.lr if t.lr is not None else mm1_peak_lr(arithmetic.decoder_parameters(cfg, active=True))
 
 
 def weight_decay(cfg: Config) -> float:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from megatron_mm1.config import load_config
-from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.device import check_placement, device
 from megatron_mm1.device_audit import DeviceMismatch, is_device
 from megatron_mm1.models.mm1 import MM1Model, build_model
@@ -109,7 +108,7 @@ def a_module_left_on_the_host_is_refused():
         check_placement([model])
     batch = {k: v.to(device()) for k, v in synthetic_microbatch(CFG, 0, [1, 0]).items()}
     with pytest.raises(DeviceMismatch, match="mixes device tensors with host"):
-        model(batch["tokens"], attention_mask_from_segments(batch["segment_ids"]), images=batch["images"],
+        model(batch["tokens"], batch["segment_ids"], images=batch["images"],
               labels=batch["labels"])
 
 

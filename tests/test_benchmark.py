@@ -66,6 +66,17 @@ def test_no_mfu_on_cpu_without_a_stated_peak():
     assert (name, peak) == ("cpu", None) and "--peak-tflops" in source
 
 
+def test_gpu_peaks_come_from_the_planners_table(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-40GB", 312.0),
+                       ("NVIDIA L40S", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
+        assert device_peak(None)[:2] == (name, peak)
+    assert device_peak(123.0) == ("NVIDIA L40S", 123.0, "--peak-tflops")
+
+
 def test_layout_syntax():
     assert parse_layout("tp2pp2") == parse_layout("tp=2,pp=2") == {"tp": 2, "pp": 2}
     assert parse_layout("pp2vpp2") == {"pp": 2, "vpp": 2}

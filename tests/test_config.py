@@ -106,6 +106,37 @@ def params_json(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("config, overrides", [
+    ("tiny", []),
+    ("tiny", ["model.llm.tie_embeddings=true", "model.llm.qkv_bias=true", "model.llm.qk_layernorm=true",
+              "model.vision.arch=siglip", "model.vision.activation=gelu_pytorch_tanh"]),
+    ("tiny", ["model.connector.type=avg-pool", "model.vision.feature_layer=-2"]),
+    ("tiny", ["model.connector.type=attn-pool"]),
+    ("tiny-moe", ["model.moe.ffn_hidden_size=96"]),
+])
+def test_params_equal_a_model_built_on_the_meta_device(config, overrides):
+    """`mm1 params` counts from the config's arithmetic; here against the model itself (the
+    planner's tests do it per rank at TP, PP, VPP and EP layouts)."""
+    import torch
+
+    from megatron_mm1.arithmetic import model_parameters
+    from megatron_mm1.models.mm1 import MM1Model
+    from megatron_mm1.runtime import shutdown, single_process
+
+    cfg = single_process(load_config(config, overrides))
+    try:
+        with torch.device("meta"):
+            model = MM1Model(cfg)
+    finally:
+        shutdown()
+    moe = cfg.model.moe
+    size = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("llm", "vision", "connector")}
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() for p in model.parameters())
+    active = total - experts + experts * moe.router_topk // max(moe.num_experts, 1)
+    assert model_parameters(cfg) == {"total": total, **size, "active": active}
+
+
 @pytest.mark.parametrize("preset", sorted(TARGETS))
 def test_params_meet_size_targets(preset, capsys):
     counts = params_json(capsys, "--config", preset)

@@ -23,10 +23,12 @@ LAYOUTS = {
         "parallel.sequence_parallel=true",
     ]),
 }
-# Saved in this process: QK-norm (Qwen3, Qwen3-MoE) and a ViT feature layer before the last.
+# Saved in this process: QK-norm (Qwen3, Qwen3-MoE) and a ViT feature layer before the last;
+# the `fast` spec's grouped-GEMM experts (stacked weights, SequentialMLP's checkpoint keys).
 VARIANTS = {
     "dense-qk": ("tiny", ["model.llm.qk_layernorm=true", "model.vision.feature_layer=-2"]),
     "moe-qk": ("tiny-moe", ["model.llm.qk_layernorm=true", "model.vision.feature_layer=-2"]),
+    "moe-fast": ("tiny-moe", ["model.layer_spec=fast"]),
 }
 KINDS = [*LAYOUTS, *VARIANTS]
 MAX_ABS_DIFF = 1e-4
@@ -104,7 +106,7 @@ def test_exported_logits_equal_megatron(work, kind):
     # The LLM and the vision tower are transformers' own classes, not remote code.
     expected = {
         "dense": "LlamaForCausalLM", "moe": "Qwen2MoeForCausalLM",
-        "dense-qk": "Qwen3ForCausalLM", "moe-qk": "Qwen3MoeForCausalLM",
+        "dense-qk": "Qwen3ForCausalLM", "moe-qk": "Qwen3MoeForCausalLM", "moe-fast": "Qwen2MoeForCausalLM",
     }[kind]
     assert type(model.language_model).__name__ == expected
     assert type(model.language_model).__module__.startswith("transformers.models.")

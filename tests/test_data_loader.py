@@ -2,17 +2,19 @@
 
 import itertools
 import json
+import re
 import shutil
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from megatron_mm1.config import ConfigError, load_config, validate
 from megatron_mm1.data import formats
 from megatron_mm1.data.demo import make_demo
-from megatron_mm1.data.formats import DataError, ShardedDataset
+from megatron_mm1.data.formats import DataError, ShardedDataset, load_manifest, read_member
 from megatron_mm1.data.loader import ValidationData, build_loader
 from megatron_mm1.data.mixture import MixtureSampler, datasets_from_config, hold_out
 from megatron_mm1.data.prepare import prepare
@@ -248,3 +250,27 @@ def test_validation_data_errors_are_clear(demo, tmp_path):
     only_text = config(demo, f"data.valid_path={demo}", "data.interleaved_weight=0", "data.caption_weight=0")
     assert ValidationData(only_text).kinds == ["text"]
     assert not ValidationData(config(demo))  # no validation data: no evaluation
+
+
+def test_a_folder_prepared_before_units_loads_with_todays_samples(demo, tmp_path):
+    """Folders written before shards were named by input unit (tests/data/prepared-v1) still
+    load: every kind holds the samples, in the same order, that today's prepare writes, and the
+    loader makes the same batches of them."""
+    fixture = ROOT / "tests" / "data" / "prepared-v1"
+    prepare(fixture / "input" / "corpus.jsonl", fixture / "input" / "images", tmp_path, samples_per_shard=3)
+    old_names = {s["name"] for info in load_manifest(fixture / "prepared")["kinds"].values() for s in info["shards"]}
+    assert old_names and all(re.fullmatch(r"[a-z]+-\d{6}\.tar", n) for n in old_names)
+    assert formats.verify_checksums(fixture / "prepared") == []
+
+    def contents(root, kind):
+        dataset = ShardedDataset(root, kind)
+        return [
+            [read_member(*seg["image"]) if "image" in seg else seg for seg in dataset[i]["segments"]]
+            for i in range(len(dataset))
+        ]
+
+    for kind in ("caption", "interleaved", "text"):
+        old, new = contents(fixture / "prepared", kind), contents(tmp_path, kind)
+        assert len(old) == 4 and old == new, kind
+    batches = [take(build_loader(config(demo, f"data.path={root}"), 0, 1), 4) for root in (fixture / "prepared", tmp_path)]
+    assert_same_batches(*batches)

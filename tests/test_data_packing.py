@@ -1,4 +1,4 @@
-"""Packing rules, the per-row arrays, the attention mask, and a JSONL -> batches round trip."""
+"""Packing rules, the per-row arrays, and a JSONL -> batches round trip."""
 
 import json
 import random
@@ -10,7 +10,7 @@ import torch
 from megatron_mm1.config import load_config
 from megatron_mm1.data.images import CLIP_MEAN, CLIP_STD
 from megatron_mm1.data.loader import build_loader
-from megatron_mm1.data.packing import Encoded, Packer, attention_mask_from_segments, row_arrays
+from megatron_mm1.data.packing import Encoded, Packer, row_arrays
 from megatron_mm1.data.prepare import prepare
 from megatron_mm1.data.tokenizer import train_tokenizer
 
@@ -81,33 +81,6 @@ def test_row_arrays_follow_the_contract():
     assert arrays["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0]
     assert arrays["tokens"].dtype == np.int64 and arrays["loss_mask"].dtype == np.float32
     assert arrays["segment_ids"].dtype == np.int32
-
-
-def test_attention_mask_is_block_diagonal_causal():
-    seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.int32)
-    masked = attention_mask_from_segments(seg)
-    assert masked.shape == (2, 1, 8, 8) and masked.dtype == torch.bool
-    for b in range(2):
-        for i in range(8):
-            for j in range(8):
-                allowed = (j <= i and seg[b, i] == seg[b, j] != 0) or i == j
-                assert masked[b, 0, i, j].item() == (not allowed), (b, i, j)
-    assert not masked.all(dim=-1).any()  # every query attends to something
-
-    # Functionally: changing one packed sample leaves the other's attention output unchanged.
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~masked)
-    k2, v2 = k.clone(), v.clone()
-    k2[0, :, :3], v2[0, :, :3] = torch.randn(2, 3, 16), torch.randn(2, 3, 16)  # sample 1 of row 0
-    out2 = torch.nn.functional.scaled_dot_product_attention(q, k2, v2, attn_mask=~masked)
-    assert torch.allclose(out[0, :, 3:], out2[0, :, 3:])
-    assert not torch.allclose(out[0, :, :3], out2[0, :, :3])
-    # and within a sample attention is causal: a later position never changes an earlier one
-    v3 = v.clone()
-    v3[0, :, 4] = 100.0
-    out3 = torch.nn.functional.scaled_dot_product_attention(q, k, v3, attn_mask=~masked)
-    assert torch.allclose(out[0, :, 3], out3[0, :, 3]) and not torch.allclose(out[0, :, 4], out3[0, :, 4])
 
 
 # ----------------------------------------------------------------------------- round trip

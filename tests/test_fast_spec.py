@@ -1,6 +1,7 @@
-"""The `fast` layer spec (SDPA core attention) equals the `local` one: same weights give the same
-logits, loss and gradients, dense and MoE, with packed block-diagonal masks and images, in one
-process and at TP2 with sequence parallelism (this file is also the torchrun worker).
+"""The `fast` layer spec (SDPA core attention by packed sample) equals the `local` one (a dense
+block-diagonal causal mask): same weights give the same logits, loss and gradients, dense and MoE,
+with packed samples, padding, text-only rows and images, in one process and at TP2 with sequence
+parallelism (this file is also the torchrun worker).
 
   torchrun --nproc-per-node 2 tests/test_fast_spec.py
 """
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from megatron_mm1.config import load_config
-from megatron_mm1.data.packing import attention_mask_from_segments
+from megatron_mm1.models.experts import as_sequential
 from megatron_mm1.models.mm1 import MM1Model
 from megatron_mm1.runtime import init_runtime
 from megatron_mm1.synthetic import synthetic_microbatch
@@ -21,34 +22,45 @@ TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true
 
 def step(model, batch):
     """Logits, masked-mean loss and every gradient of one forward/backward."""
-    mask = attention_mask_from_segments(batch["segment_ids"])
     model.zero_grad()
-    out = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+    out = model(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
     loss = (out.lm_loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     loss.backward()
     with torch.no_grad():
-        logits = model(batch["tokens"], mask, images=batch["images"])
+        logits = model(batch["tokens"], batch["segment_ids"], images=batch["images"])
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits, loss.detach(), grads
 
 
+def batches(cfg) -> list[dict]:
+    """Two packed samples and padding per row; one sample and padding, a text-only row; one
+    sample filling each row (the fast spec's plain causal kernel)."""
+    packed = synthetic_microbatch(cfg, seed=11, images_per_row=[2, 1])
+    assert packed["segment_ids"].unique().numel() == 3
+    single = synthetic_microbatch(cfg, seed=12, images_per_row=[0, 1], samples_per_row=1)
+    full = synthetic_microbatch(cfg, seed=13, images_per_row=[1, 0], samples_per_row=1)
+    full["segment_ids"].fill_(1)
+    return [packed, single, full]
+
+
 def compare(config: str, overrides: list[str]) -> None:
     cfg = load_config(config, overrides)
-    batch = synthetic_microbatch(cfg, seed=11, images_per_row=[2, 1])
-    assert batch["segment_ids"].unique().numel() == 3  # two packed samples and padding per row
     torch.manual_seed(0)
     local = MM1Model(cfg)
     cfg.model.layer_spec = "fast"
     fast = MM1Model(cfg)
-    fast.load_state_dict(local.state_dict())
+    # `fast` stacks the MoE experts' weights (models/experts.py); as_sequential names them as `local`.
+    local.load_state_dict(as_sequential(fast.state_dict()))
     attention = {type(m).__name__ for m in fast.modules()}
     assert "SDPAttention" in attention and "DotProductAttention" not in attention
-    ref, got = step(local, batch), step(fast, batch)
-    torch.testing.assert_close(got[0], ref[0])
-    torch.testing.assert_close(got[1], ref[1])
-    assert got[2].keys() == ref[2].keys() and len(ref[2]) == len(list(local.parameters()))
-    for name in ref[2]:
-        torch.testing.assert_close(got[2][name], ref[2][name], msg=lambda m: f"{name}: {m}")
+    for batch in batches(cfg):
+        ref, got = step(local, batch), step(fast, batch)
+        got = (*got[:2], as_sequential(got[2]))
+        torch.testing.assert_close(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1])
+        assert got[2].keys() == ref[2].keys() and len(ref[2]) == len(list(local.parameters()))
+        for name in ref[2]:
+            torch.testing.assert_close(got[2][name], ref[2][name], msg=lambda m: f"{name}: {m}")
 
 
 pytestmark = pytest.mark.usefixtures("single_process_runtime")

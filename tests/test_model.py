@@ -6,7 +6,6 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_mm1.config import load_config
-from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.models.mm1 import MM1Model
 from megatron_mm1.runtime import init_runtime
 from megatron_mm1.synthetic import synthetic_microbatch
@@ -49,9 +48,8 @@ def test_image_embeddings_land_on_placeholders(cfg):
 def test_loss_ignores_image_and_padding_targets(cfg):
     model = make_model(cfg)
     batch = synthetic_microbatch(cfg, seed=2, images_per_row=[2, 2])
-    mask = attention_mask_from_segments(batch["segment_ids"])
     with torch.no_grad():
-        out = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+        out = model(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
     image_targets = batch["labels"] == cfg.model.image_token_id
     assert image_targets.any()
     assert (out.lm_loss[image_targets] == 0).all()
@@ -67,7 +65,14 @@ def image_owners(tokens, segment_ids, image_token_id, n):
     return [(int(r), int(segment_ids[r, c])) for r, c in zip(rows[::n], cols[::n])]
 
 
-def test_packed_samples_do_not_attend_to_each_other(cfg):
+@pytest.fixture(params=["local", "fast"])
+def spec(cfg, request):
+    cfg.model.layer_spec = request.param
+    yield request.param
+    cfg.model.layer_spec = "local"
+
+
+def test_packed_samples_do_not_attend_to_each_other(cfg, spec):
     model = make_model(cfg)
     batch = synthetic_microbatch(cfg, seed=8, images_per_row=[2, 2])  # an image in each sample
     tokens, images, seg = batch["tokens"].clone(), batch["images"].clone(), batch["segment_ids"]
@@ -78,7 +83,7 @@ def test_packed_samples_do_not_attend_to_each_other(cfg):
 
     def logits(tokens, images):
         with torch.no_grad():
-            return model(tokens, attention_mask_from_segments(seg), images=images)
+            return model(tokens, seg, images=images)
 
     base = logits(tokens, images)
     text = (seg[0] == 1) & (tokens[0] != cfg.model.image_token_id)
@@ -107,10 +112,9 @@ def test_logits_z_loss(cfg):
     model = make_model(cfg, logits_z_loss_coeff=1e-3)
     try:
         batch = synthetic_microbatch(cfg, seed=4, images_per_row=[1, 0])
-        mask = attention_mask_from_segments(batch["segment_ids"])
         with torch.no_grad():
-            out = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
-            logits = model(batch["tokens"], mask, images=batch["images"])
+            out = model(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
+            logits = model(batch["tokens"], batch["segment_ids"], images=batch["images"])
         expected = 1e-3 * torch.logsumexp(logits.float(), dim=-1).square()
         torch.testing.assert_close(out.z_loss, expected)
     finally:
@@ -127,9 +131,8 @@ def test_image_count_mismatch_is_a_clear_error(cfg):
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_recomputation_gives_the_same_gradients(cfg, mode):
+def test_recomputation_gives_the_same_gradients(cfg, mode, spec):
     batch = synthetic_microbatch(cfg, seed=6, images_per_row=[1, 2])
-    mask = attention_mask_from_segments(batch["segment_ids"])
 
     def grads(recompute):
         cfg.training.recompute_llm = cfg.training.recompute_vision = recompute
@@ -137,7 +140,7 @@ def test_recomputation_gives_the_same_gradients(cfg, mode):
             model = make_model(cfg).train()
         finally:
             cfg.training.recompute_llm = cfg.training.recompute_vision = "none"
-        out = model(batch["tokens"], mask, images=batch["images"], labels=batch["labels"])
+        out = model(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
         (out.lm_loss * batch["loss_mask"]).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 

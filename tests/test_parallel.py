@@ -14,6 +14,9 @@ PP2 = ["parallel.pipeline_model_parallel_size=2"]
 VPP2 = [*PP2, "parallel.virtual_pipeline_model_parallel_size=2"]
 # gloo has no uneven all-gather, which expert-TP=2 with the alltoall dispatcher needs.
 EP2 = ["parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel_size=1"]
+# The `fast` spec from the one `local` process's weights, its grads loaded back into `local`:
+# grouped-GEMM experts split over expert TP (fast-tp2) and expert parallelism.
+FAST = ["model.layer_spec=fast"]
 
 LAYOUTS = {
     "tiny": {"tp2": (2, TP2), "pp2": (2, PP2), "vpp2": (2, VPP2), "tp2pp2": (4, TP2 + PP2)},
@@ -24,6 +27,9 @@ LAYOUTS = {
         "ep2": (2, EP2),
         "tp2pp2": (4, TP2 + PP2),
         "tp2ep2": (4, TP2 + EP2),
+        "fast-tp2": (2, TP2 + FAST),
+        "fast-ep2": (2, EP2 + FAST),
+        "fast-tp2ep2": (4, TP2 + EP2 + FAST),
     },
 }
 TOLERANCE = 1e-5

@@ -4,7 +4,8 @@ local spec's at one LLM layer's real shapes, with the bytes each keeps for backw
   .venv/bin/python tools/bench_fast_ops.py --config mm1-3b --tokens 2048
 
 Runs on the GPU when there is one (bf16 by default), else on the CPU (fp32 by default). The
-attention gets megatron's packed block-diagonal causal mask of two samples per sequence.
+attention gets two packed samples per sequence: local as megatron's block-diagonal causal mask,
+fast as their boundaries (tools/bench_attention.py compares the attention kernels alone).
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ def ops(cfg, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, O
     """(op, spec, module, inputs) for the local and fast version of each replaced op."""
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
     from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_mm1.data.packing import attention_mask_from_segments
+    from megatron_mm1.models.attention import SDPAttention, attention_mask_from_segments, packed_segments
     from megatron_mm1.models.mm1 import llm_transformer_config
-    from megatron_mm1.models.specs import CompiledRMSNorm, SDPAttention
+    from megatron_mm1.models.specs import DECODER_MASK, CompiledRMSNorm
 
     llm, s = cfg.model.llm, cfg.data.seq_length
     h, f, heads, groups = llm.hidden_size, llm.ffn_hidden_size, llm.num_attention_heads, llm.num_query_groups
@@ -53,11 +53,11 @@ def ops(cfg, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, O
     norms = [torch.nn.RMSNorm(h, eps=1e-5, device=device, dtype=dtype),
              CompiledRMSNorm(h, eps=1e-5, device=device, dtype=dtype)]
     config = llm_transformer_config(cfg)
-    attention = [cls(config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary, attention_type="self").to(device)
-                 for cls in (DotProductAttention, SDPAttention)]
-    segments = torch.ones(1, s, dtype=torch.int32, device=device)
-    segments[:, s // 2:] = 2  # two packed samples
-    mask = attention_mask_from_segments(segments)
+    attention = [cls(config, layer_number=1, attn_mask_type=DECODER_MASK[spec], attention_type="self").to(device)
+                 for cls, spec in ((DotProductAttention, "local"), (SDPAttention, "fast"))]
+    segment_ids = torch.ones(1, s, dtype=torch.int32, device=device)
+    segment_ids[:, s // 2:] = 2  # two packed samples
+    mask, segments = attention_mask_from_segments(segment_ids), packed_segments(segment_ids)
     qkv = [leaf(s, 1, heads, d), leaf(s, 1, groups, d), leaf(s, 1, groups, d)]
     x, y = leaf(s, 1, h), leaf(s, 1, 2 * f)
     return [
@@ -66,7 +66,7 @@ def ops(cfg, device: torch.device, dtype: torch.dtype) -> list[tuple[str, str, O
         ("SwiGLU", "local", Op(eager_swiglu), [y]),
         ("SwiGLU", "fast", Op(lambda t: bias_swiglu_impl(t, None)), [y]),
         ("attention", "local", Op(lambda q, k, v: attention[0](q, k, v, mask), attention[0]), qkv),
-        ("attention", "fast", Op(lambda q, k, v: attention[1](q, k, v, mask), attention[1]), qkv),
+        ("attention", "fast", Op(lambda q, k, v: attention[1](q, k, v, None, packed_seq_params=segments), attention[1]), qkv),
     ]
 
 

@@ -7,7 +7,7 @@
 #   data      the demo corpus, made once for every test worker
 #   bench-*   `mm1 benchmark` of the MM1-3B proxy, one run per layer spec
 #   plan      `mm1 plan --json` of the same proxy, its memory estimate against the benchmark's
-#   pytest    tests/test_gpu.py
+#   pytest    tests/test_gpu.py, and tests/test_grouped_experts.py's `gpu` case (bf16 experts)
 # then gpu-report.json (and a short table). A failing part does not stop the later ones; the
 # exit code is 1 if any part failed, 2 without CUDA, 3 without .whl/.
 # The benchmark runs before the tests: its figures are bounded (two short runs) while the
@@ -112,12 +112,9 @@ part bench-local 110 "$PY" "${BENCH[@]}" --specs local
 part bench-fast 110 "$PY" "${BENCH[@]}" --specs fast
 
 # The planner's estimate for the same proxy (arithmetic, no GPU); the GPU type only decides "fits".
-case $("$PY" -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null) in
-    *H100*) GPU_TYPE=h100-80gb ;;
-    *A100*80GB*) GPU_TYPE=a100-80gb ;;
-    *A100*) GPU_TYPE=a100-40gb ;;
-    *) GPU_TYPE=h200-141gb ;;
-esac
+GPU_TYPE=$("$PY" -c 'import torch; from megatron_mm1.planner import gpu_type
+p = torch.cuda.get_device_properties(0); print(gpu_type(p.name, p.total_memory / 2**30) or "h200-141gb")' 2>/dev/null)
+GPU_TYPE=${GPU_TYPE:-h200-141gb}
 plan_sets=()
 for ((i = 1; i < ${#PROXY[@]}; i += 2)); do plan_sets+=(--set "${PROXY[i]}"); done
 part plan 60 "$PY" tools/gpu_report.py plan --logs "$LOG" --config mm1-3b --gpu-type "$GPU_TYPE" --images-per-seq 16 "${plan_sets[@]}"
@@ -125,7 +122,7 @@ part plan 60 "$PY" tools/gpu_report.py plan --logs "$LOG" --config mm1-3b --gpu-
 # Four workers: the tests are mostly process start-up, and one GPU holds many tiny runs.
 xdist=()
 "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 4 --dist loadgroup)
-part pytest 240 "$PY" -m pytest -p no:cacheprovider -m gpu tests/test_gpu.py "${xdist[@]}" -rA \
+part pytest 240 "$PY" -m pytest -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_grouped_experts.py "${xdist[@]}" -rA \
     --junitxml="$LOG/pytest.xml"
 
 "$PY" tools/gpu_report.py assemble --logs "$LOG" --out "$ROOT/gpu-report.json" --commit "$COMMIT" \

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from megatron_mm1.planner import GPUS
+
+    peaks = ", ".join(sorted({f"{gpu.family} {gpu.peak_tflops:g}" for gpu in GPUS.values()}))
     p = subparsers.add_parser(
         "benchmark",
         help="time training steps on synthetic data at one or more parallel layouts",
@@ -138,6 +141,6 @@ def add_parser(subparsers) -> None:
                    help="layer specs to run at each layout, side by side, e.g. local,fast (default: the config's)")
     p.add_argument("--nproc", type=int, default=1, help="processes when no layout is given (default 1)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU (default: H100/H200 989, A100 312 bf16 dense; required on CPU)")
+                   help=f"peak TFLOP/s per device for MFU (default: the GPU's bf16 dense peak, {peaks}; required on CPU)")
     p.add_argument("--json", action="store_true", help="print a JSON list of the reports")
     p.set_defaults(func=run)

@@ -1,4 +1,4 @@
-"""`mm1 params`: parameter counts of a config without allocating the model."""
+"""`mm1 params`: parameter counts of a config, from its arithmetic (no model is built)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_mm1.config import load_config
-    from megatron_mm1.params import count_parameters
+    from megatron_mm1.arithmetic import model_parameters
+    from megatron_mm1.config import load_config, validate
 
-    counts = count_parameters(load_config(args.config, args.set))
+    cfg = load_config(args.config, args.set)
+    validate(cfg)  # the counts of a config that cannot be built would mean nothing
+    counts = model_parameters(cfg)
     if args.json:
         print(json.dumps(counts))
     else:
@@ -22,9 +24,9 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "params",
-        help="count parameters (total, llm, vision, connector, active) on the meta device",
-        description="Count a config's parameters from a model built on the meta device: "
-        "nothing is allocated, no GPU is used.",
+        help="count parameters (total, llm, vision, connector, active)",
+        description="Count a config's parameters from its shapes (megatron_mm1/arithmetic.py, which "
+        "the tests check against real models): nothing is built or allocated.",
     )
     p.add_argument("--config", required=True, help="preset name (e.g. mm1-3b) or YAML path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. model.llm.num_layers=24 (repeatable)")

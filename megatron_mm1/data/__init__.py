@@ -21,8 +21,4 @@ def __getattr__(name: str):
         from megatron_mm1.data import loader
 
         return getattr(loader, name)
-    if name == "attention_mask_from_segments":
-        from megatron_mm1.data.packing import attention_mask_from_segments
-
-        return attention_mask_from_segments
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,8 +17,8 @@ N = model.connector.num_image_tokens:
                                   when there are none.
     num_images    int64   [b]     images per row.
 
-Attention is block-diagonal causal: i may attend j iff j <= i and segment_ids[i] == segment_ids[j]
-!= 0 (see `attention_mask_from_segments`).
+Attention is block-diagonal causal: i may attend j iff j <= i and both lie in the same run of equal
+segment_ids (padding is one run of its own; see megatron_mm1/models/attention.py).
 
 Packing rules: a sample that fits in a row is never split (the row is closed and padded
 instead); a sample longer than a row (in tokens or in images) is cut into consecutive pieces, each
@@ -169,18 +169,3 @@ def row_arrays(row: list[Chunk], seq_length: int, image_token_id: int) -> dict[s
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "segment_ids": segment_ids, "position_ids": position_ids}
 
-
-def attention_mask_from_segments(segment_ids):
-    """[b, s] segment ids -> BoolTensor [b, 1, s, s], True = masked (megatron-core's convention).
-
-    i attends j iff j <= i and both are in the same non-zero segment; a padding position attends
-    only itself, so no row of the mask is fully masked (which would give NaN softmaxes).
-    """
-    import torch
-
-    s = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = same & causal & (segment_ids[:, :, None] > 0)
-    allowed |= torch.eye(s, dtype=torch.bool, device=segment_ids.device)
-    return ~allowed[:, None]

@@ -15,6 +15,9 @@ Two fused megatron tensors are split:
 - `linear_qkv` rows are grouped by query group: for each of the G groups, its q heads, then
   one k head, then one v head (megatron SelfAttention.get_query_key_value_tensors);
 - `linear_fc1` of a SwiGLU MLP is [gate; up] stacked along the rows.
+
+The word embeddings and the output layer have `model.llm.padded_vocab_size` rows in megatron,
+`vocab_size` in Hugging Face: the padding is dropped on export and zero on import.
 """
 
 from __future__ import annotations
@@ -174,8 +177,14 @@ class NameMap:
             else:
                 router, gate, up, down = "mlp.gate", "gate_proj", "up_proj", "down_proj"
                 experts = LL + "mlp.experts.{e}."
+            # megatron's rows from vocab_size on are padding (never looked up, logits -inf):
+            # exported without them, imported as zeros.
+            vocab, padded = llm.vocab_size, llm.padded_vocab_size
+            unpad = {} if padded == vocab else dict(
+                split=lambda t: [t[:vocab]], merge=lambda t: torch.cat([t, t.new_zeros(padded - vocab, *t.shape[1:])])
+            )
             self.rules += [
-                Rule(r"llm\.embedding\.word_embeddings\.weight", [L + "model.embed_tokens.weight"]),
+                Rule(r"llm\.embedding\.word_embeddings\.weight", [L + "model.embed_tokens.weight"], **unpad),
                 Rule(layer + r"input_layernorm\.weight", [LL + "input_layernorm.weight"]),
                 Rule(
                     layer + r"self_attention\.linear_qkv\.(?P<p>weight|bias)",
@@ -201,7 +210,7 @@ class NameMap:
                 ),
                 Rule(expert + r"linear_fc2\.weight", [experts + down + ".weight"]),
                 Rule(r"llm\.decoder\.final_layernorm\.weight", [L + "model.norm.weight"]),
-                Rule(r"llm\.output_layer\.weight", [L + "lm_head.weight"]),
+                Rule(r"llm\.output_layer\.weight", [L + "lm_head.weight"], **unpad),
             ]
             any_layer = re.escape(llm_prefix) + r"model\.layers\.\d+\."
             self.unused_patterns.append((any_layer + r"self_attn\.rotary_emb\.inv_freq", "recomputed from the config"))

@@ -62,6 +62,13 @@ def check_shards(model_dir: Path):
     return metadata
 
 
+def reference_spec(cfg: Config) -> Config:
+    """`cfg` at the `local` layer spec, whose module names conversion maps. Every spec saves the
+    same checkpoint, but `fast` holds a MoE layer's experts in two stacked parameters
+    (models/experts.py) rather than SequentialMLP's per-expert linears."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_spec="local"))
+
+
 def sharded_layout(cfg: Config) -> tuple[dict, list[ShardedObject]]:
     """The parameters (name -> ShardedTensor, or a factory that stores several) and the
     `_extra_state` objects of a one-process MM1Model of `cfg` (after `single_process`), built
@@ -69,7 +76,7 @@ def sharded_layout(cfg: Config) -> tuple[dict, list[ShardedObject]]:
     from megatron_mm1.models.mm1 import MM1Model
 
     with torch.device("meta"):
-        meta = MM1Model(cfg)
+        meta = MM1Model(reference_spec(cfg))
     sharded = model_sharded_state_dict([meta])["chunk0"]
     entries = {
         name: sh for name, sh in sharded.items()
@@ -110,7 +117,7 @@ class MegatronCheckpoint:
         if not self.model_dir.is_dir():
             raise ConfigError(f"{self.path} has no model/ folder (the weights)")
         metadata = check_shards(self.model_dir)
-        self.cfg = single_process(self.saved_cfg)
+        self.cfg = single_process(reference_spec(self.saved_cfg))
         self.entries, _ = sharded_layout(self.cfg)
         self.stored = metadata.state_dict_metadata  # key -> global size and chunks
         self.storage = {  # (key, chunk offsets) -> file, offset, length

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mm1.config import Config
-from megatron_mm1.data.packing import attention_mask_from_segments
 from megatron_mm1.device import check_placement, device
 from megatron_mm1.hf.megatron_io import MegatronCheckpoint
 from megatron_mm1.synthetic import synthetic_microbatch
@@ -51,9 +50,10 @@ def megatron_model(ckpt: MegatronCheckpoint):
 
 
 def megatron_logits(model, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask_from_segments(torch.ones_like(tokens, dtype=torch.int32))  # plain causal
-    with torch.no_grad():
-        return model(tokens, mask, images=images).float()
+    """[b, s, vocab]: the true vocabulary's logits (an exported model has no padded ids)."""
+    with torch.no_grad():  # one sample per row: plain causal attention
+        logits = model(tokens, torch.ones_like(tokens, dtype=torch.int32), images=images)
+    return logits[..., : model.vocab_size].float()
 
 
 def hf_model(hf_dir: str | Path, text_only: bool):

@@ -28,7 +28,7 @@ from megatron_mm1 import cpu_compat
 from megatron_mm1.config import Config
 from megatron_mm1.device import check_placement, device
 from megatron_mm1.models.connector import build_connector
-from megatron_mm1.models.specs import QUICK_GELU, SWIGLU_FUSION, llm_block_spec
+from megatron_mm1.models.specs import ATTENTION_INPUTS, QUICK_GELU, SWIGLU_FUSION, llm_block_spec
 from megatron_mm1.models.vision import VisionEncoder
 
 
@@ -221,8 +221,10 @@ class MM1Model(MegatronModule):
         m = cfg.model
         self.image_token_id = m.image_token_id
         self.z_loss_coeff = m.logits_z_loss_coeff
+        self.vocab_size = m.llm.vocab_size  # the true one; the layers hold padded_vocab_size rows
         self.pre_process = pre_process
         self.post_process = post_process
+        self.attention_inputs = ATTENTION_INPUTS[m.layer_spec]
         self.sequence_parallel = llm_config.sequence_parallel
         self.model_type = ModelType.encoder_or_decoder
         # Read by megatron's finalize_model_grads, which all-reduces a tied embedding's gradient
@@ -234,7 +236,7 @@ class MM1Model(MegatronModule):
         self.llm = GPTModel(
             config=llm_config,
             transformer_layer_spec=llm_block_spec(llm_config, vp_stage=vp_stage, kind=m.layer_spec),
-            vocab_size=m.llm.vocab_size,
+            vocab_size=m.llm.padded_vocab_size,
             max_sequence_length=m.llm.max_sequence_length,
             pre_process=pre_process,
             post_process=post_process,
@@ -300,18 +302,23 @@ class MM1Model(MegatronModule):
     def forward(
         self,
         tokens: torch.Tensor,
-        attention_mask: torch.Tensor,
+        segment_ids: torch.Tensor,
         images: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ):
         """First stage: embed tokens and images. Last stage: per-token losses (or logits when
-        `labels` is None). Other stages: hidden states for the next stage."""
+        `labels` is None). Other stages: hidden states for the next stage. `segment_ids` [b, s]
+        says where the packed samples are (the batch contract's); the layer spec decides how
+        attention receives them."""
         decoder_input = self.embed(tokens, images) if self.pre_process else None
         out = self.llm(
-            input_ids=tokens, position_ids=None, attention_mask=attention_mask,
-            decoder_input=decoder_input,
+            input_ids=tokens, position_ids=None, decoder_input=decoder_input,
+            **self.attention_inputs(segment_ids),
         )
-        if not self.post_process or labels is None:
+        if not self.post_process:
+            return out
+        mask_vocab_padding(out, self.vocab_size)
+        if labels is None:
             return out
         logits = out.float()  # [b, s, v/tp]
         z_loss = None
@@ -322,6 +329,17 @@ class MM1Model(MegatronModule):
         # No loss on image targets, whatever the loss mask says.
         lm_loss = lm_loss.masked_fill(labels == self.image_token_id, 0.0)
         return MM1Output(lm_loss=lm_loss, z_loss=z_loss)
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> None:
+    """Set the logits of the padded ids (`vocab_size` and up) to -inf, in place, in this rank's
+    shard [..., v/tp] of the vocabulary (the padding ends the last shards). The loss, the
+    z-loss and generation then see the true vocabulary only, and the padded output rows get no
+    gradient. Without padding this does nothing."""
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    if start + shard > vocab_size:
+        logits[..., max(vocab_size - start, 0):].fill_(float("-inf"))
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:

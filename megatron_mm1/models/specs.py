@@ -5,27 +5,28 @@ norms here mark their parameters `sequence_parallel` so megatron-core's finalize
 all-reduces their gradients across TP; megatron's own WrappedTorchNorm refuses sequence
 parallelism, and apex/TransformerEngine are not assumed.
 
-`fast` swaps three things, each of which keeps less for backward and runs fewer kernels:
-- the core attention runs through torch.nn.functional.scaled_dot_product_attention
-  (SDPAttention): a fused kernel (flash or memory-efficient on GPU, a fused CPU kernel
-  otherwise) instead of megatron's baddbmm -> softmax -> bmm, which keeps the [b, heads, s, s]
-  probabilities twice (fp32 and bf16);
+`fast` swaps these, each of which computes less, keeps less for backward or runs fewer kernels:
+- the core attention runs through torch's fused kernels (SDPAttention, models/attention.py),
+  by packed sample: the decoder gets the samples' boundaries, not a [b, 1, s, s] mask, and
+  computes only the causal blocks inside each sample (varlen flash attention on GPU, one
+  fused SDPA call per sample on CPU), where megatron's baddbmm -> softmax -> bmm computes every
+  block of the row and keeps the [b, heads, s, s] probabilities twice (fp32 and bf16);
 - RMSNorm is compiled (CompiledRMSNorm): one kernel that keeps the input and an fp32 rstd, on
   every device (eager CPU keeps two fp32 copies of the input; CUDA has a fused eager kernel);
 - SwiGLU is megatron's own fused one (SWIGLU_FUSION: a torch.compile'd autograd function that
   keeps only its input; eager keeps three more [tokens, ffn] tensors);
 - the vision encoder's QuickGELU is megatron's compiled one (QUICK_GELU; `local` runs it eagerly
-  and so never starts torch.compile, whose first use costs seconds in every process).
+  and so never starts torch.compile, whose first use costs seconds in every process);
+- a MoE layer's experts are two grouped GEMMs over all local experts (TorchGroupedMLP,
+  models/experts.py: torch._grouped_mm on stacked weights, SequentialMLP's checkpoint keys)
+  instead of megatron's SequentialMLP, which runs one expert after another.
 LayerNorm (the vision encoder's) is one fused kernel in eager torch already.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from megatron.core.activations import quick_gelu
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
@@ -35,7 +36,6 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -47,6 +47,9 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
+
+from megatron_mm1.models.attention import SDPAttention, dense_mask_inputs, segment_inputs
+from megatron_mm1.models.experts import EXPERTS
 
 
 @torch.compile
@@ -110,78 +113,13 @@ def eager_quick_gelu(x: torch.Tensor) -> torch.Tensor:
 QUICK_GELU = {"local": eager_quick_gelu, "fast": quick_gelu}
 
 
-def sdpa_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """megatron's boolean mask (True = masked) as SDPA's additive one, made once per mask.
-
-    Every layer gets the same mask object; SDPA would convert a boolean mask in each layer and
-    each layer would keep its own [b, 1, s, s] copy for backward."""
-    global _last_mask
-    if _last_mask is None or _last_mask[0] is not attention_mask or _last_mask[1].dtype != dtype:
-        additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        _last_mask = (attention_mask, additive.masked_fill_(attention_mask, float("-inf")))
-    return _last_mask[1]
-
-
-_last_mask: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-
-
-class SDPAttention(MegatronModule):
-    """Core attention through F.scaled_dot_product_attention; a drop-in for megatron-core's
-    DotProductAttention (same constructor and forward, same [s, b, heads, dim] -> [s, b, h])."""
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection=None,
-    ) -> None:
-        super().__init__(config=config)
-        assert config.context_parallel_size == 1, "SDPAttention has no context parallelism"
-        self.attn_mask_type = attn_mask_type
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        # None: SDPA's own 1/sqrt(head_dim), as DotProductAttention. (Megatron's query-key layer
-        # scaling divides the scores by the layer number and multiplies them back in the fp32
-        # softmax, a no-op on the result, so it needs no counterpart here.)
-        self.softmax_scale = softmax_scale
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params=None,
-    ) -> torch.Tensor:
-        assert attention_bias is None and packed_seq_params is None
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
-        mask_type = attn_mask_type or self.attn_mask_type
-        no_mask = mask_type == AttnMaskType.no_mask or attention_mask is None
-        mask = None if no_mask else sdpa_mask(attention_mask, q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        # Heads differ across TP ranks, so their dropout draws come from the model-parallel RNG.
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            out = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=mask,
-                dropout_p=dropout,
-                is_causal=mask_type == AttnMaskType.causal,
-                scale=self.softmax_scale,
-                enable_gqa=q.shape[1] != k.shape[1],  # K/V stay at their query-group count
-            )
-        s, b = out.shape[2], out.shape[0]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-
-
-# What differs between the specs' layers: which modules compute softmax(QK^T)V and the norms.
+# What differs between the specs' layers: which modules compute softmax(QK^T)V and the norms,
+# and how the decoder's attention learns where the packed samples are: a dense [b, 1, s, s] mask
+# (`arbitrary`, which rules out fused kernels) or their boundaries (`causal` within each).
 CORE_ATTENTION = {"local": DotProductAttention, "fast": SDPAttention}
 NORM = {"local": TorchNorm, "fast": CompiledNorm}
+DECODER_MASK = {"local": AttnMaskType.arbitrary, "fast": AttnMaskType.causal}
+ATTENTION_INPUTS = {"local": dense_mask_inputs, "fast": segment_inputs}
 
 
 def _layer_spec(
@@ -194,8 +132,6 @@ def _layer_spec(
             input_layernorm=NORM[kind],
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                # `arbitrary`: the model always passes its block-diagonal causal mask for packed
-                # samples; `causal` would let fused kernels ignore it.
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
@@ -220,17 +156,19 @@ def llm_block_spec(
     backend = LocalSpecProvider()
     dense = _layer_spec(
         get_mlp_module_spec_for_backend(backend, num_experts=None),
-        AttnMaskType.arbitrary,
+        DECODER_MASK[kind],
         config.qk_layernorm,
         kind,
     )
     layer_specs = [dense] * config.num_layers
     if config.num_moe_experts:
+        moe_mlp = get_mlp_module_spec_for_backend(
+            backend, num_experts=config.num_moe_experts, moe_grouped_gemm=False
+        )
+        moe_mlp.submodules.experts.module = EXPERTS[kind]  # SequentialMLP or grouped GEMMs
         moe = _layer_spec(
-            get_mlp_module_spec_for_backend(
-                backend, num_experts=config.num_moe_experts, moe_grouped_gemm=False
-            ),
-            AttnMaskType.arbitrary,
+            moe_mlp,
+            DECODER_MASK[kind],
             config.qk_layernorm,
             kind,
         )
