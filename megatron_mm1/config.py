@@ -218,10 +218,23 @@ class ParallelConfig:
 
 
 @dataclass
+class DatasetEntry:
+    """One prepared folder in data.datasets: its samples of one kind, or of every kind it holds
+    ("auto"), each at `weight` among its kind's datasets."""
+
+    path: str
+    kind: str = "auto"  # auto | interleaved | caption | text | chat
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Training data: prepared shard folders (see `mm1 data prepare`) mixed by kind and weight."""
 
     path: Optional[str] = None  # one prepared folder: each kind it holds is a dataset of weight 1
+    # Datasets as a list, e.g. [{path: laion, kind: caption, weight: 2}, {path: obelics}]; the
+    # same mixture as the per-kind maps below, which it adds to (a folder once per kind).
+    datasets: list[DatasetEntry] = field(default_factory=list)
     seq_length: int = 4096
     tokenizer: Optional[str] = None  # SentencePiece model file
     # More datasets per kind: {prepared folder: weight}; a folder contributes its shards of that kind.
@@ -342,6 +355,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -786,6 +804,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio must be between 0 and 1", errors)
     _check(t.micro_batch_size >= 1, "training.micro_batch_size must be >= 1", errors)
     d = cfg.data
+    for i, entry in enumerate(d.datasets):
+        _check(
+            entry.kind in ("auto", "interleaved", "caption", "text", "chat"),
+            f"data.datasets[{i}].kind='{entry.kind}' is unknown; use auto, interleaved, caption, text or chat",
+            errors,
+        )
+        _check(entry.weight >= 0, f"data.datasets[{i}].weight must be >= 0", errors)
     _check(0 <= d.valid_fraction < 1, "data.valid_fraction must be >= 0 and < 1 (0: none held out)", errors)
     _check(
         not (d.valid_path and d.valid_fraction),

@@ -173,6 +173,15 @@ def overrides(data: Path | None, steps: int | None, sets: list[str]) -> list[str
     return overrides_from_args(Namespace(data=str(data) if data else None, steps=steps, set=list(sets)))
 
 
+def _training_folders(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, folder) of every prepared folder the training data names."""
+    d = cfg.data
+    folders = [("data.path", d.path)] if d.path else []
+    folders += [(f"data.datasets[{i}].path", entry.path) for i, entry in enumerate(d.datasets)]
+    return folders + [(f"data.{kind}", path) for kind in ("interleaved", "caption", "text", "chat")
+                      for path in getattr(d, kind)]
+
+
 def check(config: str, world_size: int, data: Path | None, steps: int | None, sets: list[str]) -> Config:
     """The config validated for `world_size` processes, and its data folder and tokenizer
     present; ConfigError (a message) otherwise."""
@@ -180,10 +189,13 @@ def check(config: str, world_size: int, data: Path | None, steps: int | None, se
     validate(cfg, world_size=world_size)
     if data is not None and not Path(data).is_dir():
         raise ConfigError(f"--data {data}: no such folder (a prepared data folder, `mm1 data prepare`)")
-    if not cfg.data.path:
-        raise ConfigError("no training data: give --data DIR (or set data.path in the config)")
-    if not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path={cfg.data.path}: no such folder")
+    folders = _training_folders(cfg)
+    if not folders:
+        raise ConfigError("no training data: give --data DIR (or set data.path, data.datasets or "
+                          "data.interleaved/caption/text/chat in the config)")
+    for name, folder in folders:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"{name}={folder}: no such folder (a prepared data folder, `mm1 data prepare`)")
     if cfg.data.valid_path and not Path(cfg.data.valid_path).is_dir():
         raise ConfigError(f"data.valid_path={cfg.data.valid_path}: no such folder (a prepared data folder)")
     if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).is_file():

@@ -122,6 +122,33 @@ def test_mixture_follows_the_weights(demo, tmp_path):
     assert sum(no_text) == pytest.approx(1.0) and len(no_text) == 2
 
 
+def test_datasets_list_is_the_per_kind_maps_in_one_list(demo, tmp_path):
+    """data.datasets names the same mixture as the per-kind maps: a folder's one kind, or every
+    kind it holds (auto), at a weight; a folder named twice for a kind is refused by name."""
+    prepare(demo / "raw" / "demo.jsonl", demo / "raw" / "images", tmp_path / "copy", progress=False)
+    copy = tmp_path / "copy"
+
+    def mixture(*overrides):
+        cfg = load_config("tiny", [f"data.tokenizer={demo / 'tokenizer.model'}", *overrides])
+        validate(cfg)
+        datasets, probs = datasets_from_config(cfg.data)
+        return dict(zip([d.name for d in datasets], probs))
+
+    maps = mixture(f"data.path={demo}", f"data.caption={{{copy}: 3.0}}", f"data.text={{{copy}: 0.5}}")
+    listed = mixture(f"data.path={demo}", f"data.datasets=[{{path: {copy}, kind: caption, weight: 3}}, "
+                                          f"{{path: {copy}, kind: text, weight: 0.5}}]")
+    assert listed == maps and len(maps) == 5
+    # auto: every kind the folder holds, at the entry's weight
+    assert mixture(f"data.datasets=[{{path: {demo}}}, {{path: {copy}, weight: 3}}]") == mixture(
+        *(f"data.{kind}={{{demo}: 1, {copy}: 3}}" for kind in ("interleaved", "caption", "text")))
+    with pytest.raises(DataError, match=r"data.datasets\[0\]: .* is already a caption dataset"):
+        mixture(f"data.path={copy}", f"data.datasets=[{{path: {copy}, kind: caption}}]")
+    with pytest.raises(ConfigError, match=r"data.datasets\[0\].kind='photos' is unknown"):
+        mixture(f"data.datasets=[{{path: {copy}, kind: photos}}]")
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) data.datasets\[0\].wieght"):
+        mixture(f"data.datasets=[{{path: {copy}, wieght: 2}}]")
+
+
 def test_building_reads_no_samples(demo):
     formats._SHARDS.__init__()  # forget shards opened by earlier tests in this process
     build_loader(config(demo), num_workers=0)

@@ -272,8 +272,10 @@ def test_dry_run_warns_when_the_layout_does_not_fit(tmp_path):
         (["--config", "mm1-30b", "--nodes", "3", "--gpus-per-node", "4"], "world size 12 is not divisible"),
         (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--data", "/nonexistent/data"], "no such folder"),
         (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1"], "--data"),
+        (["--config", "tiny", "--nodes", "1", "--gpus-per-node", "1", "--set",
+          "data.datasets=[{path: /nonexistent/laion, kind: caption}]"], "data.datasets[0].path=/nonexistent/laion: no such"),
     ],
-    ids=["world-size", "missing-data", "no-data"],
+    ids=["world-size", "missing-data", "no-data", "missing-listed-dataset"],
 )
 def test_refused_before_submitting(tmp_path, args, message):
     proc = run([*MM1, "submit", *args, "--out", str(tmp_path / "run"), "--device", "gpu"], check=False)

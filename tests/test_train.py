@@ -117,9 +117,10 @@ def test_exact_resume_moe_pp2_vpp2_ep2_and_the_validation_loss_at_other_layouts(
 
 
 def test_a_three_dataset_mixture_resumes_exactly(data, tmp_path):
-    """Captions from three prepared folders (the demo's, weight 1, and two more, weights 2 and 1)
-    beside the demo's interleaved and text data, DP2: every dataset is drawn from, and a run
-    stopped after step 2 and resumed gives the uninterrupted run's losses bit for bit."""
+    """Captions from three prepared folders (the demo's, weight 1, and two more, weights 2 and 1,
+    named in data.datasets) beside the demo's interleaved and text data, DP2: every dataset is
+    drawn from, and a run stopped after step 2 and resumed gives the uninterrupted run's losses
+    bit for bit."""
     from megatron_mm1.data.demo import write_corpus
 
     folders = {}
@@ -128,7 +129,8 @@ def test_a_three_dataset_mixture_resumes_exactly(data, tmp_path):
         folders[name] = tmp_path / name
         run([sys.executable, "-m", "megatron_mm1.cli", "data", "prepare", "--input", str(corpus),
              "--images", str(corpus.parent / "images"), "--out", str(folders[name]), "--quiet"])
-    mixture = [f"data.caption={{{folders['coyo']}: 2.0, {folders['laion']}: 1.0}}"]
+    mixture = [f"data.datasets=[{{path: {folders['coyo']}, kind: caption, weight: 2.0}}, "
+               f"{{path: {folders['laion']}, kind: caption}}]"]
     train(data, tmp_path / "whole", 4, 2, mixture)
     check_exact_resume(data, tmp_path / "whole", tmp_path / "split", "tiny", 2, mixture)
     state = json.loads((tmp_path / "split" / "checkpoints" / "step_0000004" / "data" / "dp0.json").read_text())

@@ -35,15 +35,23 @@ def datasets_from_config(data_cfg) -> tuple[list, list[float]]:
 
 
 def _training_corpus(data_cfg) -> tuple[list[ShardedDataset], list[float]]:
-    """The datasets data.path and the per-kind folders name, whole, and their probabilities."""
+    """The datasets data.path, data.datasets and the per-kind folders name, whole, and their
+    probabilities."""
     per_kind: dict[str, dict[str, float]] = {k: dict(getattr(data_cfg, k)) for k in KINDS}
     if data_cfg.path:
         for kind in load_manifest(data_cfg.path)["kinds"]:
             per_kind[kind].setdefault(data_cfg.path, 1.0)
+    for i, entry in enumerate(data_cfg.datasets):
+        kinds = load_manifest(entry.path)["kinds"] if entry.kind == "auto" else [entry.kind]
+        for kind in kinds:
+            if entry.path in per_kind[kind]:
+                raise DataError(f"data.datasets[{i}]: {entry.path} is already a {kind} dataset (data.path, "
+                                f"data.{kind} or an earlier entry); name each folder once per kind")
+            per_kind[kind][entry.path] = entry.weight
     datasets, probs = _weighted(per_kind, data_cfg)
     if not datasets:
-        raise DataError("no training data: set data.path or data.interleaved/caption/text to prepared folders "
-                        "(see `mm1 data prepare`)")
+        raise DataError("no training data: set data.path, data.datasets or data.interleaved/caption/text to "
+                        "prepared folders (see `mm1 data prepare`)")
     return datasets, probs
 
 
