@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_mm1.config import Config, ConfigError, load_config, validate
+from megatron_mm1.data.formats import KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "slurm"
@@ -178,8 +179,7 @@ def _training_folders(cfg: Config) -> list[tuple[str, str]]:
     d = cfg.data
     folders = [("data.path", d.path)] if d.path else []
     folders += [(f"data.datasets[{i}].path", entry.path) for i, entry in enumerate(d.datasets)]
-    return folders + [(f"data.{kind}", path) for kind in ("interleaved", "caption", "text", "chat")
-                      for path in getattr(d, kind)]
+    return folders + [(f"data.{kind}", path) for kind in KINDS for path in getattr(d, kind)]
 
 
 def check(config: str, world_size: int, data: Path | None, steps: int | None, sets: list[str]) -> Config:

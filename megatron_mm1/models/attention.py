@@ -42,7 +42,10 @@ class PackedSegments(PackedSeqParams):
 
     qkv_format: str = "sbhd"
     lengths: list[list[int]] = field(default_factory=list)
-    longest_run: int = 0
+
+    @property
+    def longest_run(self) -> int:
+        return max(max(row) for row in self.lengths)
 
     @property
     def one_run_per_row(self) -> bool:
@@ -62,7 +65,7 @@ def packed_segments(segment_ids: torch.Tensor) -> PackedSegments:
         lengths[start // s].append(end - start)
     return PackedSegments(
         cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=s, max_seqlen_kv=s,
-        lengths=lengths, longest_run=max(max(row) for row in lengths),
+        lengths=lengths,
     )
 
 
