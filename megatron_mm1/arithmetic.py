@@ -33,8 +33,10 @@ LAYER_SPECS = {
     # mask, fp32 softmax and its bf16 copy kept; eager SwiGLU.
     "local": Kernels(causal_pairs_only=False, mask_bytes=1, keeps_probabilities=True, fused_swiglu=False),
     # Attention by packed sample (models/attention.py): varlen flash on CUDA, one causal SDPA call
-    # per sample on CPU. A Transformer Engine spec with THD packing would cost the same.
+    # per sample on CPU.
     "fast": Kernels(causal_pairs_only=True, mask_bytes=0, keeps_probabilities=False, fused_swiglu=True),
+    # Transformer Engine's flash/cuDNN attention over THD-packed samples, megatron's fused SwiGLU.
+    "te": Kernels(causal_pairs_only=True, mask_bytes=0, keeps_probabilities=False, fused_swiglu=True),
 }
 
 

@@ -50,9 +50,18 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)  # DDP / DeepSpeed wrappers
 
 
+EXTRA_STATE = "._extra_state"
+
+
 def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
-    """megatron-core sharded state dict of this rank's model chunks."""
-    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+    """megatron-core sharded state dict of this rank's model chunks, without the layers'
+    `_extra_state` objects: megatron's own linears save None there and Transformer Engine's
+    their FP8 scaling factors, which no setting here uses. Without them a checkpoint loads
+    into every layer spec (models/te_spec.py); older checkpoints keep theirs, unread."""
+    return {
+        f"chunk{i}": {k: v for k, v in _unwrap(chunk).sharded_state_dict().items() if not k.endswith(EXTRA_STATE)}
+        for i, chunk in enumerate(model)
+    }
 
 
 def save_sharded(state: dict, path: Path, background: bool = False) -> AsyncRequest | None:
@@ -150,7 +159,11 @@ def load_model(model: list[torch.nn.Module], path: Path) -> None:
         raise ConfigError(f"no model weights at {path}")
     loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(path))
     for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
+        # Not strict about the `_extra_state` entries alone, which the layers keep their own of.
+        incompatible = _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"], strict=False)
+        wrong = [k for k in (*incompatible.missing_keys, *incompatible.unexpected_keys) if not k.endswith(EXTRA_STATE)]
+        if wrong:
+            raise RuntimeError(f"the weights loaded from {path} do not match the model's: {', '.join(wrong[:5])}")
 
 
 # ----------------------------------------------------------------------------- training runs

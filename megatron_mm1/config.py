@@ -200,7 +200,9 @@ class ModelConfig:
     freeze_vision: bool = False
     freeze_connector: bool = False
     freeze_llm: bool = False
-    layer_spec: str = "local"  # local: megatron-core's attention, dense masks; fast: by packed sample (varlen flash on GPU)
+    # local: megatron-core's attention with dense masks; fast: by packed sample (varlen flash on
+    # GPU); te: megatron-core's Transformer Engine layers, THD packing (needs TE and CUDA)
+    layer_spec: str = "local"
     init_method_std: float = 0.02
 
 
@@ -676,8 +678,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             errors,
         )
     _check(
-        m.layer_spec in ("local", "fast"),
-        f"model.layer_spec='{m.layer_spec}' is unknown; use local or fast (torch SDPA attention)",
+        m.layer_spec in ("local", "fast", "te"),
+        f"model.layer_spec='{m.layer_spec}' is unknown; use local, fast (torch SDPA attention) "
+        "or te (Transformer Engine)",
         errors,
     )
 

@@ -20,7 +20,7 @@ from megatron_mm1.checkpoint import load_model, model_sharded_state_dict, save_m
 from megatron_mm1.config import Config
 from megatron_mm1.device import device
 from megatron_mm1.engine_base import Engine, loss_func, reduce_metrics
-from megatron_mm1.models.mm1 import MM1Model
+from megatron_mm1.models.mm1 import MM1Model, pipeline_shape
 
 
 def wrap_ddp(
@@ -80,8 +80,7 @@ def forward_backward(
         data_iterator=iterators,
         model=model,
         num_microbatches=num_microbatches,
-        seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.training.micro_batch_size,
+        **pipeline_shape(cfg, cfg.data.seq_length, cfg.training.micro_batch_size),
         forward_only=forward_only,
     )
     return reduce_metrics(losses, cfg, num_microbatches, training=not forward_only)

@@ -254,6 +254,8 @@ class Generator:
         [rows, length]: padding follows every real token, which the causal mask keeps unseen."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_mm1.models.mm1 import pipeline_shape
+
         tokens = torch.full((rows, length), PAD_ID, dtype=torch.long)
         segments = torch.zeros((rows, length), dtype=torch.int32)
         last = torch.zeros(rows, dtype=torch.long)
@@ -268,7 +270,7 @@ class Generator:
         with torch.no_grad():
             out = get_forward_backward_func()(
                 forward_step_func=_logits_step, data_iterator=iter([batch]), model=self.model,
-                num_microbatches=1, seq_length=length, micro_batch_size=rows,
+                num_microbatches=1, **pipeline_shape(self.cfg, length, rows),
                 forward_only=True, collect_non_loss_data=True,
             )
         if not self.is_last_stage:

@@ -85,8 +85,11 @@ def init_runtime(cfg: Config) -> DistEnv:
 
     from megatron_mm1.launch import children_die_with_this_process
 
+    from megatron_mm1.models.te_spec import check_runs
+
     env = dist_env()
     validate(cfg, world_size=env.world_size)  # before any process group or device memory
+    check_runs(cfg)
     children_die_with_this_process()
     collective_timeout_s = cfg.training.hang_timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S
     if torch.cuda.is_available():

@@ -60,3 +60,15 @@ def single_process_runtime():
     init_runtime(load_config("tiny"))
     yield
     shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_loss_scale():
+    """megatron-core keeps the MoE auxiliary losses' backward scale in a class attribute. A MoE
+    backward outside its pipeline schedules (the in-process model tests) creates it 0-dim, and
+    the schedules then fail to copy their [1] scale into it: each test starts without one, as a
+    new process does."""
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -1,13 +1,14 @@
 """Loss and gradients of one step at a parallel layout, for comparison with one process.
 
   python tests/parallel_check.py reference --config tiny --out DIR
-  torchrun --nproc-per-node N tests/parallel_check.py run --config tiny --out DIR --tag T --set ...
+  torchrun --nproc-per-node N tests/parallel_check.py run --config tiny --out DIR --tag T --set ... [--packing thd]
   python tests/parallel_check.py compare --config tiny --out DIR --tag T
 
 `reference` saves the weights and one process's loss and gradients; `run` loads the weights at
 its layout, runs the same global batch (split over DP ranks as gradient-accumulation
 micro-batches are split in the reference) and saves its loss and gradients as a megatron-core
 distributed checkpoint; `compare` reloads both at one process and prints the relative errors.
+`--packing thd` packs the config's layer spec as THD, the `te` spec's packing (models/specs.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from megatron_mm1.config import load_config
 from megatron_mm1.checkpoint import load_model, save_model, save_sharded
 from megatron_mm1.engine import forward_backward, grads_sharded_state_dict, wrap_ddp
 from megatron_mm1.models.mm1 import build_model
+from megatron_mm1.models.specs import PACKING
 from megatron_mm1.runtime import init_runtime, shutdown
 from megatron_mm1.synthetic import synthetic_microbatch
 
@@ -56,8 +58,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", nargs="*", default=[])
     ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--packing", choices=sorted(set(PACKING.values())))
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
+    if args.packing:
+        PACKING[cfg.model.layer_spec] = args.packing  # read by MM1Model and the pipeline's shapes
     cfg.training.global_batch_size = NUM_MICROBATCHES * cfg.training.micro_batch_size
     init_runtime(cfg)
     torch.manual_seed(0)

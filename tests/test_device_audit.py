@@ -34,7 +34,7 @@ def audited(cmd: list[str], ranks: int, expect: int = 0) -> str:
 
 def test_the_audit_refuses_each_kind_of_mistake():
     proc = run([sys.executable, str(ROOT / "tests" / "device_audit_cases.py")], env=AUDIT)
-    assert "11 device audit cases passed" in proc.stdout
+    assert "12 device audit cases passed" in proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,9 @@ block-diagonal causal mask): same weights give the same logits, loss and gradien
 with packed samples, padding, text-only rows and images, in one process and at TP2 with sequence
 parallelism (this file is also the torchrun worker).
 
+The same holds with the `fast` layers packed as THD, the `te` spec's packing (the rows flattened
+to one, megatron's THD rotary embedding): all of the `te` spec's data path but TE's kernels.
+
   torchrun --nproc-per-node 2 tests/test_fast_spec.py
 """
 
@@ -10,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from megatron.core import parallel_state
 
 from megatron_mm1.config import load_config
 from megatron_mm1.models.experts import as_sequential
@@ -29,6 +33,11 @@ def step(model, batch):
     with torch.no_grad():
         logits = model(batch["tokens"], batch["segment_ids"], images=batch["images"])
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if getattr(p, "sequence_parallel", False):
+            # A TP rank's share of the sequence differs between the [s, b] and THD layouts; the
+            # sum over TP (finalize_model_grads' all-reduce) does not.
+            torch.distributed.all_reduce(grads[n], group=parallel_state.get_tensor_model_parallel_group())
     return logits, loss.detach(), grads
 
 
@@ -43,12 +52,13 @@ def batches(cfg) -> list[dict]:
     return [packed, single, full]
 
 
-def compare(config: str, overrides: list[str]) -> None:
+def compare(config: str, overrides: list[str], packing: str = "sbhd") -> None:
     cfg = load_config(config, overrides)
     torch.manual_seed(0)
     local = MM1Model(cfg)
     cfg.model.layer_spec = "fast"
     fast = MM1Model(cfg)
+    fast.packing = packing
     # `fast` stacks the MoE experts' weights (models/experts.py); as_sequential names them as `local`.
     local.load_state_dict(as_sequential(fast.state_dict()))
     attention = {type(m).__name__ for m in fast.modules()}
@@ -71,6 +81,11 @@ def test_fast_equals_local_one_process():
     compare("tiny-moe", [])
 
 
+def test_fast_packed_as_thd_equals_local_one_process():
+    compare("tiny", [], packing="thd")
+    compare("tiny-moe", [], packing="thd")
+
+
 def test_fast_equals_local_at_tp2():
     from conftest import torchrun
 
@@ -83,8 +98,9 @@ if __name__ == "__main__":
 
     quiet_third_party_warnings()
     init_runtime(load_config("tiny", TP2))
-    compare("tiny", TP2)
-    compare("tiny-moe", TP2)
+    for packing in ("sbhd", "thd"):
+        compare("tiny", TP2, packing)
+        compare("tiny-moe", TP2, packing)
     print("FAST_SPEC_OK", torch.distributed.get_rank())
     shutdown()
     sys.exit(0)

@@ -22,7 +22,12 @@ import pytest
 import torch
 from conftest import ROOT
 
+from megatron_mm1.models import te_spec
+
 CUDA = torch.cuda.is_available()
+# The layer specs that run here: `te` where Transformer Engine imports (not on the device image;
+# gpu_check's report then says so beside the benchmark's figures).
+SPECS = ["local", "fast"] + (["te"] if te_spec.unavailable() is None else [])
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
@@ -111,7 +116,7 @@ def group(config: str, spec: str):
 
 @pytest.mark.parametrize(
     "config, spec",
-    [pytest.param(c, s, marks=group(c, s), id=f"{c}-{s}") for c in ("tiny", "tiny-moe") for s in ("local", "fast")],
+    [pytest.param(c, s, marks=group(c, s), id=f"{c}-{s}") for c in ("tiny", "tiny-moe") for s in SPECS],
 )
 def test_loss_falls_in_bf16(run_30_steps, config, spec):
     history = losses(run_30_steps(config, spec))
@@ -150,11 +155,13 @@ def test_exact_resume(data, tmp_path, run_30_steps):
 
 
 @pytest.mark.parametrize(
-    "config", [pytest.param(c, marks=group(c, "local"), id=c) for c in ("tiny", "tiny-moe")]
+    "config, spec",
+    [pytest.param(c, s, marks=group(c, s), id=f"{c}-{s}") for c in ("tiny", "tiny-moe") for s in SPECS if s != "fast"],
 )
-def test_convert_to_hf_verifies(tmp_path, run_30_steps, config):
-    """The trained (bf16) checkpoint exports to a Hugging Face folder whose logits match."""
-    ckpt = run_30_steps(config, "local") / "checkpoints" / f"step_{STEPS:07d}"
+def test_convert_to_hf_verifies(tmp_path, run_30_steps, config, spec):
+    """The trained (bf16) checkpoint exports to a Hugging Face folder whose logits match. The
+    conversion reads a `te` checkpoint with the `local` layers (te_spec.NORM_KEYS)."""
+    ckpt = run_30_steps(config, spec) / "checkpoints" / f"step_{STEPS:07d}"
     assert ckpt.is_dir()
     out = tmp_path / "hf"
     proc = mm1("convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out), "--verify", "--quiet")

@@ -17,9 +17,14 @@ EP2 = ["parallel.expert_model_parallel_size=2", "parallel.expert_tensor_parallel
 # The `fast` spec from the one `local` process's weights, its grads loaded back into `local`:
 # grouped-GEMM experts split over expert TP (fast-tp2) and expert parallelism.
 FAST = ["model.layer_spec=fast"]
+# A layout's optional third item, a packing for parallel_check's --packing: `thd` runs the `fast`
+# layers with the `te` spec's packing (the rows as one between pipeline stages and under SP).
 
 LAYOUTS = {
-    "tiny": {"tp2": (2, TP2), "pp2": (2, PP2), "vpp2": (2, VPP2), "tp2pp2": (4, TP2 + PP2)},
+    "tiny": {
+        "tp2": (2, TP2), "pp2": (2, PP2), "vpp2": (2, VPP2), "tp2pp2": (4, TP2 + PP2),
+        "fast-thd-tp2pp2": (4, TP2 + PP2 + FAST, "thd"),
+    },
     "tiny-moe": {
         "tp2": (2, TP2),
         "pp2": (2, PP2),
@@ -41,8 +46,9 @@ def report(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(config)
     script = "tests/parallel_check.py"
     run([sys.executable, script, "reference", "--config", config, "--out", str(out)])
-    for tag, (nproc, overrides) in LAYOUTS[config].items():
-        torchrun(nproc, script, "run", "--config", config, "--out", str(out), "--tag", tag, "--set", *overrides)
+    for tag, (nproc, overrides, *packing) in LAYOUTS[config].items():
+        extra = ["--packing", *packing] if packing else []
+        torchrun(nproc, script, "run", "--config", config, "--out", str(out), "--tag", tag, "--set", *overrides, *extra)
     proc = run([sys.executable, script, "compare", "--config", config, "--out", str(out), "--tag", *LAYOUTS[config]])
     line = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")][-1]
     return config, json.loads(line[len("REPORT "):])

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the one-command check on one CUDA GPU (docs/gpu.md). With the image's
 # python3 (CUDA torch; not .venv, which is Python 3.11 with CPU torch) and the wheels of
-# `make gpu-wheels` carried in .whl/, under 8 minutes in all:
+# `make gpu-wheels` carried in .whl/, under 9 minutes in all:
 #   install   .whl/*.whl into $SITE, offline
 #   preflight versions, device, imports, the wheels' requirements
 #   data      the demo corpus, made once for every test worker
-#   bench-*   `mm1 benchmark` of the MM1-3B proxy, one run per layer spec
+#   bench-*   `mm1 benchmark` of the MM1-3B proxy, one run per layer spec (te where TE imports),
+#             and of the MoE proxy with the fast spec (and te)
 #   plan      `mm1 plan --json` of the same proxy, its memory estimate against the benchmark's
 #   pytest    tests/test_gpu.py, and tests/test_grouped_experts.py's `gpu` case (bf16 experts)
 # then gpu-report.json (and a short table). A failing part does not stop the later ones; the
@@ -37,7 +38,7 @@ if (( ${#wheels[@]} == 0 )); then
     exit 3
 fi
 
-TOTAL_S=${GPU_CHECK_BUDGET:-440}  # + the CUDA check, the report and one kill grace: under 8 minutes
+TOTAL_S=${GPU_CHECK_BUDGET:-470}  # + the CUDA check, the report and one kill grace: under 9 minutes
 RESERVE_S=15                      # kept back for the report
 MIN_PART_S=20                     # a part with less than this left is skipped, not started
 START=$(date +%s)
@@ -59,7 +60,7 @@ publish() {
     mkdir -p "$OUT"
     local f
     [[ -f $ROOT/gpu-report.json ]] && cp "$ROOT/gpu-report.json" "$OUT/"
-    for f in pytest.log pytest.xml bench-local.log bench-fast.log; do [[ -f $LOG/$f ]] && cp "$LOG/$f" "$OUT/"; done
+    for f in pytest.log pytest.xml bench-local.log bench-fast.log bench-moe-fast.log; do [[ -f $LOG/$f ]] && cp "$LOG/$f" "$OUT/"; done
     tar -czf "$OUT/gpu-logs.tar.gz" -C "$ROOT/runs" gpu-check 2>/dev/null
 }
 
@@ -108,8 +109,25 @@ part data 60 "$PY" -m megatron_mm1.cli data demo --out "$DATA"
 PROXY=(--set model.llm.num_layers=4 --set training.micro_batch_size=1 --set training.global_batch_size=4
        --set training.bf16=true)
 BENCH=(-m megatron_mm1.cli benchmark --config mm1-3b "${PROXY[@]}" --images-per-seq 16 --steps 5 --warmup 2 --json)
-part bench-local 110 "$PY" "${BENCH[@]}" --specs local
-part bench-fast 110 "$PY" "${BENCH[@]}" --specs fast
+# The MoE proxy: one GPU's share of MM1-3B-MoE-64e at EP8, its 8 experts of 64 with top-2
+# routing (the same expert work per GPU), 4 LLM layers (2 of them MoE), with the fast spec's
+# grouped GEMMs (and TE's); `local`'s SequentialMLP is the reference, not a speed path.
+MOE_PROXY=(--set model.moe.num_experts=8 --set parallel.tensor_model_parallel_size=1
+           --set parallel.sequence_parallel=false --set parallel.expert_model_parallel_size=1
+           --set parallel.expert_tensor_parallel_size=1)
+BENCH_MOE=(-m megatron_mm1.cli benchmark --config mm1-3b-moe-64e "${PROXY[@]}" "${MOE_PROXY[@]}" --images-per-seq 16
+           --steps 5 --warmup 2 --json)
+part bench-local 100 "$PY" "${BENCH[@]}" --specs local
+part bench-fast 100 "$PY" "${BENCH[@]}" --specs fast
+part bench-moe-fast 100 "$PY" "${BENCH_MOE[@]}" --specs fast
+# Transformer Engine's layers where TE imports; otherwise the report says why there are no figures.
+if te_missing=$("$PY" -c 'from megatron_mm1.models.te_spec import unavailable; print(unavailable() or "")' 2>&1) \
+        && [[ -z $te_missing ]]; then
+    part bench-te 100 "$PY" "${BENCH[@]}" --specs te
+    part bench-moe-te 100 "$PY" "${BENCH_MOE[@]}" --specs te
+else
+    for f in bench-te bench-moe-te; do echo "not run: ${te_missing:-te_spec did not answer}" > "$LOG/$f.log"; done
+fi
 
 # The planner's estimate for the same proxy (arithmetic, no GPU); the GPU type only decides "fits".
 GPU_TYPE=$("$PY" -c 'import torch; from megatron_mm1.planner import gpu_type
@@ -126,7 +144,7 @@ part pytest 240 "$PY" -m pytest -p no:cacheprovider -m gpu tests/test_gpu.py tes
     --junitxml="$LOG/pytest.xml"
 
 "$PY" tools/gpu_report.py assemble --logs "$LOG" --out "$ROOT/gpu-report.json" --commit "$COMMIT" \
-    --date "$DATE" --budget "$TOTAL_S" --bench-command "python3 ${BENCH[*]} --specs local|fast"
+    --date "$DATE" --budget "$TOTAL_S" --bench-command "python3 ${BENCH[*]} --specs local|fast|te; python3 ${BENCH_MOE[*]} --specs fast|te"
 report_rc=$?  # 0 only when every part passed and no test was skipped
 publish
 echo "gpu-check: $(( $(date +%s) - START ))s in all; report $ROOT/gpu-report.json${OUT:+, copied to $OUT/}"

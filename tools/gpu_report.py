@@ -23,7 +23,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = ("local", "fast")
+SPECS = ("local", "fast", "te")
+# gpu_check.sh's benchmark runs (bench-NAME.log): the MM1-3B proxy per spec, the MoE proxy's.
+BENCH_RUNS = (*SPECS, "moe-fast", "moe-te")
 PACKAGES = ["torch", "megatron-core", "deepspeed", "transformers", "pydantic", "typing-extensions",
             "packaging", "numpy", "sentencepiece", "safetensors", "tensorboard", "einops", "pytest", "pytest-xdist"]
 # What gpu_check.sh imports before the tests, to tell a broken install from a failing test.
@@ -242,12 +244,14 @@ FIGURES = ["device", "step_time_s", "tokens_per_s_per_gpu", "images_per_s_per_gp
 
 def benchmark(logs: Path) -> dict:
     out = {}
-    for spec in SPECS:
-        reports = _last_json_line(logs / f"bench-{spec}.log")
+    for name in BENCH_RUNS:
+        log = logs / f"bench-{name}.log"
+        reports = _last_json_line(log)
         if not reports:
-            out[spec] = {"status": f"no JSON report in bench-{spec}.log"}
+            last = log.read_text().strip().splitlines()[-1:] if log.is_file() else ["no log"]
+            out[name] = {"status": f"no JSON report in bench-{name}.log ({last[0][:200] if last else 'empty'})"}
             continue
-        out[spec] = {k: reports[0].get(k) for k in FIGURES}
+        out[name] = {k: reports[0].get(k) for k in FIGURES}
     return out
 
 
@@ -319,15 +323,15 @@ def table(report: dict) -> str:
               f"{t.get('skipped', 0)} skipped ({t.get('source')})"]
     lines += [f"  FAILED {f['name']}: {(f.get('message') or '').splitlines()[0][:200] if f.get('message') else ''}"
               for f in t.get("failing", [])]
-    lines += ["", "| spec | step s (median) | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB "
+    lines += ["", "| proxy, spec | step s (median) | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB "
               "| planner GiB (no reserve) | measured / planned | note |", "|---|---|---|---|---|---|---|---|---|"]
-    for spec in SPECS:
+    for spec in BENCH_RUNS:
         b, p = report["benchmark"]["specs"].get(spec) or {}, report["planner"].get(spec) or {}
         step = (b.get("step_time_s") or {}).get("median")
         mfu = b.get("mfu")
         note = "; ".join(x["status"] for x in (b, p) if "status" in x)
         lines.append(
-            f"| {spec} | {_fmt(step)} | {_fmt(b.get('tokens_per_s_per_gpu'), '{:,.0f}')} | "
+            f"| {'MoE, ' + spec[4:] if spec.startswith('moe-') else 'MM1-3B, ' + spec} | {_fmt(step)} | {_fmt(b.get('tokens_per_s_per_gpu'), '{:,.0f}')} | "
             f"{_fmt(b.get('tflops_per_gpu'), '{:.4g}')} | {_fmt(None if mfu is None else 100 * mfu, '{:.1f}%')} | "
             f"{_fmt(b.get('peak_memory_gib'), '{:.2f}')} | {_fmt(p.get('estimate_without_reserved_gib'), '{:.2f}')} | "
             f"{_fmt(p.get('ratio_measured_to_estimate'), '{:.3f}')} | {note} |"

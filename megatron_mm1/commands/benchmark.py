@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_mm1.benchmark import check_mix
     from megatron_mm1.config import load_config, validate
     from megatron_mm1.launch import launch_local
+    from megatron_mm1.models.te_spec import check_runs
 
     layouts = [parse_layout(x) for item in args.layouts for x in item.split(",") if x.strip()]
     layouts += [parse_layout(x) for x in args.layout]
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for sets, nproc in runs:  # refuse any bad layout before the first process starts
         cfg = load_config(args.config, [*args.set, *sets])
         validate(cfg, world_size=nproc)
+        check_runs(cfg)
         check_mix(cfg, args.images_per_seq, args.samples_per_row)
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +140,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layout", action="append", default=[], metavar="KEY=V,...",
                    help="one layout, e.g. tp=2,pp=2 (repeatable)")
     p.add_argument("--specs", default=None, metavar="S1,S2",
-                   help="layer specs to run at each layout, side by side, e.g. local,fast (default: the config's)")
+                   help="layer specs to run at each layout, side by side, e.g. local,fast,te (te: where Transformer Engine imports; default: the config's)")
     p.add_argument("--nproc", type=int, default=1, help="processes when no layout is given (default 1)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak TFLOP/s per device for MFU (default: the GPU's bf16 dense peak, {peaks}; required on CPU)")

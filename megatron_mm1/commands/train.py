@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"world_size": world_size, "config": config_to_dict(cfg)}, indent=1))
         return 0
     from megatron_mm1.data.mixture import datasets_from_config, validation_datasets
+    from megatron_mm1.models.te_spec import check_runs
 
+    check_runs(cfg)  # the layer spec's kernels on this machine (a dry run may plan for another)
     datasets_from_config(cfg.data)  # the training and validation data's manifests, before any process starts
     validation_datasets(cfg.data)
     set_cuda_environment(cfg)  # before the fit check below queries the GPU

@@ -89,10 +89,10 @@ def from_hf(
         return next(((m, src) for m, src in sources if m.covers(name)), None)
 
     layout = sharded_layout(single)
-    fresh = {name.split(".")[0] for name in layout[0] if covering(name) is None}
+    fresh = {name.split(".")[0] for name in layout if covering(name) is None}
     if "llm" in fresh:
         raise ConfigError(f"{hf.path} does not hold the language model this configuration needs")
-    check_every_tensor_used([name for name in layout[0] if name.split(".")[0] not in fresh], sources)
+    check_every_tensor_used([name for name in layout if name.split(".")[0] not in fresh], sources)
     built = {part: build(single).state_dict() for part, build in FRESH_PARTS.items() if part in fresh}
 
     def tensor_for(name: str, like: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -69,21 +69,18 @@ def reference_spec(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layer_spec="local"))
 
 
-def sharded_layout(cfg: Config) -> tuple[dict, list[ShardedObject]]:
-    """The parameters (name -> ShardedTensor, or a factory that stores several) and the
-    `_extra_state` objects of a one-process MM1Model of `cfg` (after `single_process`), built
-    on the meta device."""
+def sharded_layout(cfg: Config) -> dict:
+    """The parameters (name -> ShardedTensor, or a factory that stores several) of a
+    one-process MM1Model of `cfg` (after `single_process`), built on the meta device."""
     from megatron_mm1.models.mm1 import MM1Model
 
     with torch.device("meta"):
         meta = MM1Model(reference_spec(cfg))
     sharded = model_sharded_state_dict([meta])["chunk0"]
-    entries = {
+    return {
         name: sh for name, sh in sharded.items()
         if isinstance(sh, (ShardedTensor, ShardedTensorFactory)) and sh.data is not None
     }
-    objects = [sh for sh in sharded.values() if isinstance(sh, ShardedObject)]
-    return entries, objects
 
 
 def stored_pieces(entry, data: torch.Tensor | None = None) -> list[ShardedTensor]:
@@ -118,7 +115,7 @@ class MegatronCheckpoint:
             raise ConfigError(f"{self.path} has no model/ folder (the weights)")
         metadata = check_shards(self.model_dir)
         self.cfg = single_process(reference_spec(self.saved_cfg))
-        self.entries, _ = sharded_layout(self.cfg)
+        self.entries = sharded_layout(self.cfg)
         self.stored = metadata.state_dict_metadata  # key -> global size and chunks
         self.storage = {  # (key, chunk offsets) -> file, offset, length
             (index.fqn, tuple(index.offset)): info
@@ -207,7 +204,7 @@ class _PlannedSave(DefaultSavePlanner):
     """torch.distributed.checkpoint's planner with the items given rather than found in a
     state dict, and their data produced on request, in plan order."""
 
-    def __init__(self, items: list[WriteItem], resolve: Callable[[WriteItem], torch.Tensor | io.BytesIO]):
+    def __init__(self, items: list[WriteItem], resolve: Callable[[WriteItem], torch.Tensor]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.items, self.resolve = items, resolve
 
@@ -215,18 +212,18 @@ class _PlannedSave(DefaultSavePlanner):
         self.plan = SavePlan(self.items)
         return self.plan
 
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
         return self.resolve(write_item)
 
 
 def write_model(
     model_dir: Path,
-    layout: tuple[dict, list[ShardedObject]],
+    entries: dict,
     tensor_for: Callable[[str, torch.Tensor], torch.Tensor],
     progress: bool = True,
 ) -> None:
     """Write the dist_checkpointing folder of the one-process model whose `sharded_layout` is
-    `layout` and whose parameter `name` is `tensor_for(name, like)`, `like` a meta tensor of its
+    `entries` and whose parameter `name` is `tensor_for(name, like)`, `like` a meta tensor of its
     shape and dtype. Parameters are asked for one at a time, in model order, and their memory
     is freed once written (`tensor_for` must return a tensor nothing else uses); the folder is
     what megatron saves for that model, so it loads at any layout."""
@@ -234,14 +231,7 @@ def write_model(
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    entries, objects = layout
     items: list[WriteItem] = []
-    blobs: dict[MetadataIndex, io.BytesIO] = {}
-    for obj in objects:  # megatron stores each object as a torch.save of [data]
-        index = MetadataIndex(obj.unique_key)
-        blobs[index] = io.BytesIO()
-        torch.save([obj.data], blobs[index])
-        items.append(WriteItem(index=index, type=WriteItemType.BYTE_IO))
     owner: dict[MetadataIndex, tuple[str, int]] = {}  # chunk -> (parameter, piece number)
     for name, entry in entries.items():
         for k, piece in enumerate(stored_pieces(entry)):
@@ -256,9 +246,7 @@ def write_model(
                unit="B", unit_scale=True, desc="checkpoint", disable=not progress)
     current: dict[str, list[ShardedTensor]] = {}  # the one parameter in memory, as its pieces
 
-    def resolve(item: WriteItem) -> torch.Tensor | io.BytesIO:
-        if item.type == WriteItemType.BYTE_IO:
-            return blobs[item.index]
+    def resolve(item: WriteItem) -> torch.Tensor:
         name, k = owner[item.index]
         if name not in current:
             for pieces in current.values():

@@ -3,9 +3,15 @@
 A row of the batch holds several packed samples (and trailing padding). Each is a run of equal
 `segment_ids` (data/packing.py); a token attends to itself and the earlier tokens of its own run.
 `packed_segments` turns the ids into run boundaries once per micro-batch; they travel to the core
-attention as megatron-core's `packed_seq_params` (format 'sbhd', so megatron's THD code stays off),
-which megatron passes through every layer, recomputation included. The kernels then do only the
-causal blocks inside each run, about sum(L^2)/2 query-key pairs instead of s^2:
+attention as megatron-core's `packed_seq_params`, which megatron passes through every layer,
+recomputation included. Two layouts:
+- 'sbhd' (the `fast` spec): the micro-batch keeps its [s, b] rows and megatron's THD code stays
+  off (its unfused rotary embedding for THD runs one slice per sample);
+- 'thd' (the `te` spec, as Megatron-LM packs): the micro-batch is one row of b*s tokens, which
+  Transformer Engine's attention and fused rotary embedding take with the same boundaries
+  (MM1Model flattens the rows; rotary positions then restart at each sample).
+The kernels here do only the causal blocks inside each run, about sum(L^2)/2 query-key pairs
+instead of s^2:
 - every row one run: SDPA with is_causal (flash on CUDA);
 - CUDA, bf16/fp16: varlen flash attention (torch.nn.attention.varlen) over the flattened rows;
 - otherwise (the CPU, fp32 on CUDA): SDPA with is_causal, one call per run.
@@ -66,6 +72,18 @@ def packed_segments(segment_ids: torch.Tensor) -> PackedSegments:
     return PackedSegments(
         cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=s, max_seqlen_kv=s,
         lengths=lengths,
+    )
+
+
+def thd_segments(segment_ids: torch.Tensor) -> PackedSegments:
+    """The runs of [b, s] segment ids for the micro-batch flattened to one row of b*s tokens
+    (THD): the same boundaries, a row's end always among them; max_seqlen is the longest run,
+    as varlen kernels and the THD rotary embedding take it."""
+    rows = packed_segments(segment_ids)
+    longest = rows.longest_run
+    return PackedSegments(
+        qkv_format="thd", cu_seqlens_q=rows.cu_seqlens_q, cu_seqlens_kv=rows.cu_seqlens_kv,
+        max_seqlen_q=longest, max_seqlen_kv=longest, lengths=[[n for row in rows.lengths for n in row]],
     )
 
 
@@ -189,6 +207,8 @@ class SDPAttention(MegatronModule):
         assert attention_mask is None and attention_bias is None, "SDPAttention takes segments, not masks"
         if (attn_mask_type or self.attn_mask_type) != AttnMaskType.no_mask:
             assert isinstance(packed_seq_params, PackedSegments), "causal attention needs PackedSegments"
+            if packed_seq_params.qkv_format == "thd":  # megatron took the batch dim off: [t, heads, d]
+                query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             return segment_attention(query, key, value, packed_seq_params, self.softmax_scale)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
         out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -201,3 +221,7 @@ def dense_mask_inputs(segment_ids: torch.Tensor) -> dict:
 
 def segment_inputs(segment_ids: torch.Tensor) -> dict:
     return {"attention_mask": None, "packed_seq_params": packed_segments(segment_ids)}
+
+
+def thd_inputs(segment_ids: torch.Tensor) -> dict:
+    return {"attention_mask": None, "packed_seq_params": thd_segments(segment_ids)}

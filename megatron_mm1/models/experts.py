@@ -40,10 +40,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_object_for_checkpoint,
-)
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 # SequentialMLP's names for a stacked weight's slices, and the axis expert TP splits.
@@ -93,7 +90,6 @@ class TorchGroupedMLP(MegatronModule):
             set_tensor_model_parallel_attributes(weight, True, dim, stride)
             # Gradients of expert-parallel weights are reduced over the expert-data-parallel group.
             weight.allreduce = config.expert_model_parallel_size == 1
-        self.register_load_state_dict_post_hook(_accept_extra_states)
 
     def _init(self, w, init_method, rows: int, cols: int, tp_dim: int, stride: int, rank: int, size: int) -> None:
         """Initialise expert slice `w` as megatron's Column/RowParallelLinear initialise theirs."""
@@ -204,14 +200,6 @@ class TorchGroupedMLP(MegatronModule):
                 lambda pieces, name=weight_name: merge(name, pieces),
                 replica_id,
             )
-        # SequentialMLP's linears also save an empty `_extra_state`, which it asks for on load.
-        extra_replica = (0, self.tp_group.rank(), self.dp_group.rank())
-        for e in range(self.num_local_experts):
-            for linear, _ in LINEARS.values():
-                key = expert_key(f"{prefix}experts.{linear}._extra_state", e)
-                state[f"{prefix}local_experts.{e}.{linear}._extra_state"] = make_sharded_object_for_checkpoint(
-                    None, key, expert_offsets(e), extra_replica
-                )
         return state
 
     def backward_dw(self) -> None:
@@ -227,12 +215,6 @@ def _zero_grad_where(weight: torch.Tensor, idle: torch.Tensor) -> torch.Tensor:
     view = weight.view_as(weight)
     view.register_hook(lambda grad: grad.masked_fill(idle.to(grad.device).view(-1, 1, 1), 0))
     return view
-
-
-def _accept_extra_states(module: torch.nn.Module, incompatible) -> None:
-    """load_state_dict: the `_extra_state` entries of sharded_state_dict carry nothing."""
-    for key in [k for k in incompatible.unexpected_keys if k.endswith("._extra_state") and ".local_experts." in k]:
-        incompatible.unexpected_keys.remove(key)
 
 
 def as_sequential(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from megatron_mm1 import cpu_compat
 from megatron_mm1.config import Config
 from megatron_mm1.device import check_placement, device
 from megatron_mm1.models.connector import build_connector
-from megatron_mm1.models.specs import ATTENTION_INPUTS, QUICK_GELU, SWIGLU_FUSION, llm_block_spec
+from megatron_mm1.models.specs import ATTENTION_INPUTS, PACKING, QUICK_GELU, SWIGLU_FUSION, llm_block_spec
 from megatron_mm1.models.vision import VisionEncoder
 
 
@@ -61,7 +61,8 @@ def _common_config(cfg: Config) -> dict:
         perform_initialization=not on_meta,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # TE's fused rotary embedding; megatron's other fusions need apex or CUDA-only kernels.
+        apply_rope_fusion=cfg.model.layer_spec == "te",
         gradient_accumulation_fusion=False,
         **cpu_compat.transformer_config_overrides(),
     )
@@ -82,7 +83,7 @@ def llm_transformer_config(cfg: Config) -> TransformerConfig:
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_pad_expert_input_to_capacity=False,
             moe_token_dispatcher_type=moe.token_dispatcher,
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=cfg.model.layer_spec == "te",  # TEGroupedMLP; `fast` sets its own experts
             moe_router_dtype="fp32",
         )
     return TransformerConfig(
@@ -224,7 +225,7 @@ class MM1Model(MegatronModule):
         self.vocab_size = m.llm.vocab_size  # the true one; the layers hold padded_vocab_size rows
         self.pre_process = pre_process
         self.post_process = post_process
-        self.attention_inputs = ATTENTION_INPUTS[m.layer_spec]
+        self.packing = PACKING[m.layer_spec]
         self.sequence_parallel = llm_config.sequence_parallel
         self.model_type = ModelType.encoder_or_decoder
         # Read by megatron's finalize_model_grads, which all-reduces a tied embedding's gradient
@@ -309,17 +310,20 @@ class MM1Model(MegatronModule):
         """First stage: embed tokens and images. Last stage: per-token losses (or logits when
         `labels` is None). Other stages: hidden states for the next stage. `segment_ids` [b, s]
         says where the packed samples are (the batch contract's); the layer spec decides how
-        attention receives them."""
+        attention receives them. THD packing runs the rows as one of b*s tokens (hidden states
+        between stages [b*s(/tp), 1, h]) and returns losses and logits in the [b, s] rows."""
+        attention_inputs = ATTENTION_INPUTS[self.packing](segment_ids)
+        rows = tokens.shape
+        if self.packing == "thd":
+            tokens = tokens.reshape(1, -1)
+            labels = None if labels is None else labels.reshape(1, -1)
         decoder_input = self.embed(tokens, images) if self.pre_process else None
-        out = self.llm(
-            input_ids=tokens, position_ids=None, decoder_input=decoder_input,
-            **self.attention_inputs(segment_ids),
-        )
+        out = self.llm(input_ids=tokens, position_ids=None, decoder_input=decoder_input, **attention_inputs)
         if not self.post_process:
             return out
         mask_vocab_padding(out, self.vocab_size)
         if labels is None:
-            return out
+            return out.view(*rows, out.shape[-1])
         logits = out.float()  # [b, s, v/tp]
         z_loss = None
         if self.z_loss_coeff:
@@ -328,7 +332,15 @@ class MM1Model(MegatronModule):
         lm_loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
         # No loss on image targets, whatever the loss mask says.
         lm_loss = lm_loss.masked_fill(labels == self.image_token_id, 0.0)
-        return MM1Output(lm_loss=lm_loss, z_loss=z_loss)
+        return MM1Output(lm_loss=lm_loss.view(rows), z_loss=None if z_loss is None else z_loss.view(rows))
+
+
+def pipeline_shape(cfg: Config, seq_length: int, micro_batch_size: int) -> dict:
+    """forward_backward_func's `seq_length` and `micro_batch_size`, the [s, b] of the hidden
+    states that pipeline stages exchange: THD packing sends a micro-batch's rows as one."""
+    if PACKING[cfg.model.layer_spec] == "thd":
+        return dict(seq_length=seq_length * micro_batch_size, micro_batch_size=1)
+    return dict(seq_length=seq_length, micro_batch_size=micro_batch_size)
 
 
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> None:

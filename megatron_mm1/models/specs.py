@@ -21,6 +21,8 @@ parallelism, and apex/TransformerEngine are not assumed.
   models/experts.py: torch._grouped_mm on stacked weights, SequentialMLP's checkpoint keys)
   instead of megatron's SequentialMLP, which runs one expert after another.
 LayerNorm (the vision encoder's) is one fused kernel in eager torch already.
+
+`te` is megatron-core's Transformer Engine layers, packed as THD (models/te_spec.py).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_mm1.models.attention import SDPAttention, dense_mask_inputs, segment_inputs
+from megatron_mm1.models import te_spec
+from megatron_mm1.models.attention import SDPAttention, dense_mask_inputs, segment_inputs, thd_inputs
 from megatron_mm1.models.experts import EXPERTS
 
 
@@ -86,7 +89,7 @@ class CompiledNorm(TorchNorm):
 
 # Megatron's fused SwiGLU (`bias_activation_fusion`): a torch.compile'd autograd function that
 # keeps only its input for backward.
-SWIGLU_FUSION = {"local": False, "fast": True}
+SWIGLU_FUSION = {"local": False, "fast": True, "te": True}
 
 
 class _QuickGELU(torch.autograd.Function):
@@ -110,16 +113,21 @@ def eager_quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return _QuickGELU.apply(x)
 
 
-QUICK_GELU = {"local": eager_quick_gelu, "fast": quick_gelu}
+QUICK_GELU = {"local": eager_quick_gelu, "fast": quick_gelu, "te": quick_gelu}
 
 
-# What differs between the specs' layers: which modules compute softmax(QK^T)V and the norms,
-# and how the decoder's attention learns where the packed samples are: a dense [b, 1, s, s] mask
-# (`arbitrary`, which rules out fused kernels) or their boundaries (`causal` within each).
+# What differs between the `local` and `fast` layers: which modules compute softmax(QK^T)V and
+# the norms, and the decoder's mask type: `arbitrary` for a dense mask (which rules out fused
+# kernels), `causal` within each packed sample.
 CORE_ATTENTION = {"local": DotProductAttention, "fast": SDPAttention}
 NORM = {"local": TorchNorm, "fast": CompiledNorm}
 DECODER_MASK = {"local": AttnMaskType.arbitrary, "fast": AttnMaskType.causal}
-ATTENTION_INPUTS = {"local": dense_mask_inputs, "fast": segment_inputs}
+
+# How each spec's decoder learns where the packed samples are (models/attention.py): a dense
+# [b, 1, s, s] mask, their boundaries in the [s, b] rows, or in the rows flattened to one
+# (THD, which MM1Model and the pipeline's tensor shapes follow).
+PACKING = {"local": "mask", "fast": "sbhd", "te": "thd"}
+ATTENTION_INPUTS = {"mask": dense_mask_inputs, "sbhd": segment_inputs, "thd": thd_inputs}
 
 
 def _layer_spec(
@@ -153,36 +161,33 @@ def llm_block_spec(
     config: TransformerConfig, vp_stage: int | None = None, kind: str = "local"
 ) -> TransformerBlockSubmodules:
     """The decoder layers built on this pipeline stage: dense, or MoE every `moe_layer_freq`."""
-    backend = LocalSpecProvider()
-    dense = _layer_spec(
-        get_mlp_module_spec_for_backend(backend, num_experts=None),
-        DECODER_MASK[kind],
-        config.qk_layernorm,
-        kind,
-    )
+    dense, moe = te_spec.decoder_layer_specs(config) if kind == "te" else _decoder_layer_specs(config, kind)
     layer_specs = [dense] * config.num_layers
-    if config.num_moe_experts:
-        moe_mlp = get_mlp_module_spec_for_backend(
-            backend, num_experts=config.num_moe_experts, moe_grouped_gemm=False
-        )
-        moe_mlp.submodules.experts.module = EXPERTS[kind]  # SequentialMLP or grouped GEMMs
-        moe = _layer_spec(
-            moe_mlp,
-            DECODER_MASK[kind],
-            config.qk_layernorm,
-            kind,
-        )
+    if moe is not None:
         layer_specs = [
             moe if i % config.moe_layer_freq == 0 else dense for i in range(config.num_layers)
         ]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(
-        layer_specs=layer_specs[offset : offset + count], layer_norm=NORM[kind]
-    )
+    final_norm = te_spec.final_norm() if kind == "te" else NORM[kind]
+    return TransformerBlockSubmodules(layer_specs=layer_specs[offset : offset + count], layer_norm=final_norm)
+
+
+def _decoder_layer_specs(config: TransformerConfig, kind: str) -> tuple[ModuleSpec, ModuleSpec | None]:
+    """`local` or `fast`: the dense layer and (MoE models) the MoE layer."""
+    backend = LocalSpecProvider()
+    dense_mlp = get_mlp_module_spec_for_backend(backend, num_experts=None)
+    dense = _layer_spec(dense_mlp, DECODER_MASK[kind], config.qk_layernorm, kind)
+    if not config.num_moe_experts:
+        return dense, None
+    moe_mlp = get_mlp_module_spec_for_backend(backend, num_experts=config.num_moe_experts, moe_grouped_gemm=False)
+    moe_mlp.submodules.experts.module = EXPERTS[kind]  # SequentialMLP or grouped GEMMs
+    return dense, _layer_spec(moe_mlp, DECODER_MASK[kind], config.qk_layernorm, kind)
 
 
 def vision_layer_spec(kind: str = "local") -> ModuleSpec:
     """A CLIP ViT layer: pre-LN, bidirectional attention, biased linears (QuickGELU via config)."""
+    if kind == "te":
+        return te_spec.vision_layer_spec()
     mlp = get_mlp_module_spec_for_backend(LocalSpecProvider(), num_experts=None)
     return _layer_spec(mlp, AttnMaskType.no_mask, qk_norm=False, kind=kind)
