@@ -19,7 +19,9 @@ import slurm_cluster
 from conftest import ROOT, colour_tasks, run
 
 MM1 = [sys.executable, "-m", "megatron_mm1.cli"]
-STEPS = 8
+# Long enough (about a second a step) that the preemption test's urgent job, which Slurm has
+# taken up to 9 s after the first step to act on, stops the run before its end.
+STEPS = 20
 TWO_NODES = ["--config", "tiny", "--nodes", "2", "--gpus-per-node", "1"]
 TINY = [*TWO_NODES, "--steps", str(STEPS), "--set", "training.warmup_steps=2"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
