@@ -32,6 +32,7 @@ from megatron_mm1.data.images import ImageRejected, load_image, preprocess
 from megatron_mm1.data.packing import encode_sample
 from megatron_mm1.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
 from megatron_mm1.device import device
+from megatron_mm1.models import te_spec
 
 IMAGE_MARKER = "<image>"
 
@@ -94,15 +95,19 @@ class Sampling:
 
 def inference_config(saved: Config, layout: ParallelConfig, world_size: int) -> Config:
     """A checkpoint's config at the generation layout: fp32 (the weights of a bf16 run load
-    exactly), one micro-batch a step; ConfigError, before any process group, when the layout
-    does not fit the model or `world_size`."""
+    exactly), one micro-batch a step, and the `fast` layers for a `te` checkpoint where
+    Transformer Engine cannot run (the same weights: models/te_spec.py); ConfigError, before
+    any process group, when the layout does not fit the model or `world_size`."""
     if layout.virtual_pipeline_model_parallel_size:
         raise ConfigError("generation runs one micro-batch at a time, which virtual pipeline stages cannot "
                           "schedule: leave parallel.virtual_pipeline_model_parallel_size unset")
     t = saved.training
     dp = world_size // (layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size)
     training = dataclasses.replace(t, bf16=False, global_batch_size=t.micro_batch_size * max(dp, 1))
-    cfg = dataclasses.replace(saved, parallel=layout, training=training)
+    model = saved.model
+    if model.layer_spec == "te" and te_spec.unavailable():
+        model = dataclasses.replace(model, layer_spec="fast")
+    cfg = dataclasses.replace(saved, model=model, parallel=layout, training=training)
     validate(cfg, world_size=world_size)
     return cfg
 

@@ -14,6 +14,8 @@ import torch
 
 from conftest import ROOT, colour_tasks, run, torchrun
 
+from megatron_mm1.models import te_spec
+
 # Saved by 4 gloo processes at these layouts (the MoE presets' path: Llama and Qwen2-MoE).
 LAYOUTS = {
     "dense": ("tiny", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
@@ -247,6 +249,30 @@ def test_generate_from_an_image_prompt(work):
     _, reference = reference_model(work["root"] / "dense")
     logits = megatron_logits(reference, generated[:, :-1], pixels)
     assert torch.equal(logits[0, ids.shape[1] - 1 :].argmax(-1), generated[0, ids.shape[1] :])
+
+
+@pytest.mark.skipif(te_spec.unavailable() is None, reason="Transformer Engine runs here: a te checkpoint keeps its spec")
+def test_a_te_checkpoint_generates_with_the_fast_layers_where_te_cannot_run(work, tmp_path):
+    """Every layer spec saves the same weights (models/te_spec.py), so a checkpoint trained with
+    `te` generates where Transformer Engine cannot run, with the `fast` layers, as the same
+    weights do under their own spec."""
+    from PIL import Image
+
+    from megatron_mm1.generate import Generator, Sampling
+
+    te = tmp_path / "te"
+    shutil.copytree(work["root"] / "moe", te)
+    config = (te / "config.yaml").read_text()
+    assert config.count("layer_spec: local") == 1
+    (te / "config.yaml").write_text(config.replace("layer_spec: local", "layer_spec: te"))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(image)
+    prompts = [("<image>a photo of", [image]), ("the red circle", [])]
+    generator = Generator(str(te), str(work["tokenizer"]))
+    assert generator.cfg.model.layer_spec == "fast"
+    got = generator.generate(prompts, Sampling(5))
+    expected = Generator(str(work["root"] / "moe"), str(work["tokenizer"])).generate(prompts, Sampling(5))
+    assert [g["tokens"] for g in got] == [e["tokens"] for e in expected]
 
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])

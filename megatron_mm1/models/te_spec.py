@@ -38,7 +38,7 @@ def unavailable() -> Optional[str]:
     """Why the TE layers cannot run on this machine, or None."""
     if not torch.cuda.is_available():
         return "Transformer Engine runs on CUDA and this machine has no GPU"
-    try:  # TE itself, and megatron-core's layers on it (which refuse TE versions they do not know)
+    try:  # TE itself, and megatron-core's layers on it
         for module in ("transformer_engine.pytorch", "megatron.core.extensions.transformer_engine_spec_provider"):
             importlib.import_module(module)
     except (ImportError, OSError) as e:  # OSError: TE's CUDA libraries do not load
