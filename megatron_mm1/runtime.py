@@ -84,7 +84,6 @@ def init_runtime(cfg: Config) -> DistEnv:
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_mm1.launch import children_die_with_this_process
-
     from megatron_mm1.models.te_spec import check_runs
 
     env = dist_env()

@@ -121,8 +121,9 @@ part bench-local 100 "$PY" "${BENCH[@]}" --specs local
 part bench-fast 100 "$PY" "${BENCH[@]}" --specs fast
 part bench-moe-fast 100 "$PY" "${BENCH_MOE[@]}" --specs fast
 # Transformer Engine's layers where TE imports; otherwise the report says why there are no figures.
-if te_missing=$("$PY" -c 'from megatron_mm1.models.te_spec import unavailable; print(unavailable() or "")' 2>&1) \
-        && [[ -z $te_missing ]]; then
+te_missing=$("$PY" -c 'from megatron_mm1.models.te_spec import unavailable; print(unavailable() or "none")' 2>/dev/null \
+             | tail -n 1)
+if [[ $te_missing == none ]]; then
     part bench-te 100 "$PY" "${BENCH[@]}" --specs te
     part bench-moe-te 100 "$PY" "${BENCH_MOE[@]}" --specs te
 else
