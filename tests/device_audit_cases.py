@@ -119,7 +119,6 @@ def build_model_places_everything_on_the_device():
     assert is_device(frozen) and all(is_device(b) for b in model.buffers())
 
 
-
 @case
 def every_packing_runs_on_the_device():
     """The `fast` layers with their packing by row, and with the `te` spec's THD packing (the
@@ -132,6 +131,7 @@ def every_packing_runs_on_the_device():
         out = model(batch["tokens"], batch["segment_ids"], images=batch["images"], labels=batch["labels"])
         out.lm_loss.sum().backward()
         assert is_device(out.lm_loss) and out.lm_loss.shape == batch["tokens"].shape
+
 
 if __name__ == "__main__":
     os.environ["MM1_DEVICE_AUDIT"] = "1"

@@ -171,15 +171,18 @@ def test_named_vision_encoders(capsys):
     assert (refined.model.vision.hidden_size, refined.model.vision.feature_layer) == (1280, -2)
 
 
-@pytest.mark.skipif(te_spec.unavailable() is None, reason="Transformer Engine runs on this machine (test_gpu covers it)")
-def test_te_spec_is_planned_anywhere_and_refused_where_it_cannot_run(tmp_path, capsys):
+TE_ABSENT = "Transformer Engine is absent (as the test has it)"
+
+
+def test_te_spec_is_planned_anywhere_and_refused_where_it_cannot_run(tmp_path, capsys, monkeypatch):
     """`model.layer_spec=te` validates, plans and dry-runs on a machine without TE (a laptop
     planning a cluster run); `mm1 train`, `mm1 benchmark` and every worker's start-up refuse it
-    there by name, before any process or process group starts."""
+    there by name, before any process or process group starts. The machine is made one without
+    TE whatever this one has."""
     from megatron_mm1.cli import main
 
+    monkeypatch.setattr(te_spec, "unavailable", lambda: TE_ABSENT)
     te = ["--set", "model.layer_spec=te"]
-    reason = te_spec.unavailable()
     assert main(["train", "--config", "tiny", *te, "--out", str(tmp_path / "run"), "--dry-run"]) == 0
     assert main(["plan", "--config", "mm1-3b", "--gpus", "8", *te, "--json"]) == 0
     capsys.readouterr()
@@ -187,12 +190,14 @@ def test_te_spec_is_planned_anywhere_and_refused_where_it_cannot_run(tmp_path, c
                  ["benchmark", "--config", "tiny", "--specs", "fast,te", "--steps", "1"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert f"model.layer_spec=te: {reason}" in err and "model.layer_spec=fast" in err, err
+        assert f"model.layer_spec=te: {TE_ABSENT}" in err and "model.layer_spec=fast" in err, err
     assert not (tmp_path / "run").exists()
     worker = ("from megatron_mm1.config import ConfigError, load_config\n"
+              "from megatron_mm1.models import te_spec\n"
               "from megatron_mm1.runtime import init_runtime\n"
               "import torch\n"
+              f"te_spec.unavailable = lambda: {TE_ABSENT!r}\n"
               "try:\n    init_runtime(load_config('tiny', ['model.layer_spec=te']))\n"
               "except ConfigError as e:\n    print('REFUSED', torch.distributed.is_initialized(), e)\n")
     out = run([sys.executable, "-c", worker]).stdout
-    assert out.startswith(f"REFUSED False model.layer_spec=te: {reason}"), out
+    assert out.startswith(f"REFUSED False model.layer_spec=te: {TE_ABSENT}"), out
